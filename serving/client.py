@@ -1,0 +1,154 @@
+"""Command-line client: `predict` PNG files, `evaluate` the MNIST test set over gRPC, `health`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import grpc
+import numpy as np
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from serving.config import IMAGE_PIXELS
+from serving.protos import grpc_service_pb2 as pb
+from serving.protos import grpc_service_pb2_grpc as pb_grpc
+
+
+def image_to_mnist(path: Path) -> np.ndarray:
+    """Any PNG -> 28x28 uint8 the MNIST way: white digit on black, fitted to 20x20, centred by mass."""
+    from PIL import Image, ImageOps
+
+    img = Image.open(path).convert("L")
+    pixels = np.asarray(img, dtype=np.uint8)
+    if pixels.mean() > 127:  # dark digit on a light background: invert to MNIST's polarity
+        img = ImageOps.invert(img)
+        pixels = np.asarray(img, dtype=np.uint8)
+    mask = pixels > 30
+    if mask.any():
+        rows, cols = np.where(mask)
+        img = img.crop((cols.min(), rows.min(), cols.max() + 1, rows.max() + 1))
+    scale = 20.0 / max(img.size)
+    size = (max(1, round(img.width * scale)), max(1, round(img.height * scale)))
+    digit = np.asarray(img.resize(size, Image.Resampling.LANCZOS), dtype=np.float64)
+    canvas = np.zeros((28, 28))
+    top, left = (28 - size[1]) // 2, (28 - size[0]) // 2
+    canvas[top : top + size[1], left : left + size[0]] = digit
+    total = canvas.sum()
+    if total > 0:  # shift the centre of mass to the middle, as MNIST was made
+        ys, xs = np.indices(canvas.shape)
+        dy, dx = round(14 - (ys * canvas).sum() / total), round(14 - (xs * canvas).sum() / total)
+        canvas = np.roll(canvas, (dy, dx), axis=(0, 1))
+    return np.clip(canvas, 0, 255).astype(np.uint8)
+
+
+def infer_request(
+    images: np.ndarray, model: str, version: str = "", datatype: str = "UINT8", request_id: str = ""
+) -> pb.ModelInferRequest:
+    """A ModelInferRequest for uint8 images (N,28,28) or (N,784), sent raw as UINT8 or FP32."""
+    flat = images.reshape(images.shape[0], IMAGE_PIXELS)
+    raw = flat.astype(np.uint8) if datatype == "UINT8" else flat.astype("<f4") / np.float32(255.0)
+    return pb.ModelInferRequest(
+        model_name=model,
+        model_version=version,
+        id=request_id,
+        inputs=[pb.ModelInferRequest.InferInputTensor(name="input", datatype=datatype, shape=flat.shape)],
+        outputs=[pb.ModelInferRequest.InferRequestedOutputTensor(name="probabilities")],
+        raw_input_contents=[raw.tobytes()],
+    )
+
+
+def probabilities(response: pb.ModelInferResponse) -> np.ndarray:
+    for tensor, raw in zip(response.outputs, response.raw_output_contents, strict=True):
+        if tensor.name == "probabilities":
+            return np.frombuffer(raw, dtype="<f4").reshape(tuple(tensor.shape))
+    raise ValueError("response has no 'probabilities' output")
+
+
+def _say(line: str) -> None:
+    """Command output (this is a CLI: results go to stdout, not to the log)."""
+    sys.stdout.write(line + "\n")
+
+
+def _channel(args) -> grpc.Channel:
+    options = [("grpc.max_receive_message_length", 64 << 20), ("grpc.max_send_message_length", 64 << 20)]
+    if args.tls_ca:
+        creds = grpc.ssl_channel_credentials(Path(args.tls_ca).read_bytes())
+        return grpc.secure_channel(args.url, creds, options=options)
+    return grpc.insecure_channel(args.url, options=options)
+
+
+def cmd_predict(args) -> int:
+    stub = pb_grpc.GRPCInferenceServiceStub(_channel(args))
+    images = np.stack([image_to_mnist(Path(p)) for p in args.images])
+    probs = probabilities(stub.ModelInfer(infer_request(images, args.model, args.model_version), timeout=args.timeout))
+    for path, p in zip(args.images, probs, strict=True):
+        digit = int(p.argmax())
+        _say(f"{path}: {digit}  (p={p[digit]:.4f})  " + " ".join(f"{d}:{v:.3f}" for d, v in enumerate(p)))
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from training.data import load_mnist
+
+    data = load_mnist(args.data_dir)
+    x, y = data.x_test[: args.limit], data.y_test[: args.limit]
+    stub = pb_grpc.GRPCInferenceServiceStub(_channel(args))
+    latencies, correct = [], 0
+    started = time.perf_counter()
+    for lo in range(0, len(x), args.batch_size):
+        request = infer_request(x[lo : lo + args.batch_size], args.model, args.model_version, args.datatype)
+        t0 = time.perf_counter()
+        response = stub.ModelInfer(request, timeout=args.timeout)
+        latencies.append(time.perf_counter() - t0)
+        correct += int((probabilities(response).argmax(axis=1) == y[lo : lo + args.batch_size]).sum())
+    elapsed = time.perf_counter() - started
+    ms = np.percentile(np.array(latencies) * 1e3, [50, 90, 99])
+    _say(f"model {args.model} version {response.model_version or '?'} via {args.url} ({args.datatype})")
+    _say(f"accuracy {correct / len(x):.4f} on {len(x)} test images ({correct} correct)")
+    _say(
+        f"{len(latencies)} requests of {args.batch_size} images in {elapsed:.2f}s: "
+        f"{len(x) / elapsed:,.0f} images/s; latency p50 {ms[0]:.2f} ms, p90 {ms[1]:.2f} ms, p99 {ms[2]:.2f} ms"
+    )
+    return 0
+
+
+def cmd_health(args) -> int:
+    stub = health_pb2_grpc.HealthStub(_channel(args))
+    status = stub.Check(health_pb2.HealthCheckRequest(service=args.service), timeout=args.timeout).status
+    name = health_pb2.HealthCheckResponse.ServingStatus.Name(status)
+    _say(f"{args.service or '(server)'}: {name}")
+    return 0 if status == health_pb2.HealthCheckResponse.SERVING else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m serving.client", description=__doc__)
+    parser.add_argument("--url", default="127.0.0.1:8001", help="server address host:port")
+    parser.add_argument("--model", default="mnist")
+    parser.add_argument("--model-version", default="", help="default: the newest")
+    parser.add_argument("--timeout", type=float, default=30.0, help="per-call deadline in seconds")
+    parser.add_argument("--tls-ca", help="PEM CA certificate: use TLS")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("predict", help="classify PNG images")
+    p.add_argument("images", nargs="+")
+    p.set_defaults(func=cmd_predict)
+    e = sub.add_parser("evaluate", help="accuracy and latency on the MNIST test set")
+    e.add_argument("--batch-size", type=int, default=256)
+    e.add_argument("--datatype", choices=("UINT8", "FP32"), default="UINT8")
+    e.add_argument("--limit", type=int, default=10_000)
+    e.add_argument("--data-dir", default="data")
+    e.set_defaults(func=cmd_evaluate)
+    h = sub.add_parser("health", help="grpc.health.v1 check; exit 0 when SERVING")
+    h.add_argument("--service", default="", help="'' (server), liveness, or a model name")
+    h.set_defaults(func=cmd_health)
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except grpc.RpcError as exc:
+        sys.stderr.write(f"error: {exc.code().name}: {exc.details()}\n")
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,162 @@
+"""V2 protocol messages <-> numpy: validation of inference requests and encoding of responses."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from serving.config import IMAGE_PIXELS, NUM_CLASSES
+from serving.errors import InvalidInput
+from serving.protos import grpc_service_pb2 as pb
+from training.data import to_model_input  # UINT8 pixels are scaled exactly as in training
+
+INPUT_NAME = "input"
+PROBABILITIES = "probabilities"
+PREDICTED_CLASS = "predicted_class"
+OUTPUT_NAMES = (PROBABILITIES, PREDICTED_CLASS)
+ACCEPTED_SHAPES = f"[N,{IMAGE_PIXELS}] or [N,28,28]"
+_DTYPES = {"FP32": np.dtype("<f4"), "UINT8": np.dtype("u1")}
+
+
+@dataclass(slots=True)
+class DecodedRequest:
+    """A validated inference request: model-ready images and what to send back."""
+
+    images: np.ndarray  # float32, shape (N, 784), values in [0, 1]
+    outputs: tuple[str, ...]
+    labels: np.ndarray | None  # ground truth attached by the client, int64 (N,)
+
+
+def decode_infer_request(request: pb.ModelInferRequest, max_batch_size: int) -> DecodedRequest:
+    """Validate a ModelInferRequest and turn its one input into a float32 (N, 784) array."""
+    if len(request.inputs) != 1:
+        raise InvalidInput(f"expected exactly 1 input tensor named '{INPUT_NAME}', got {len(request.inputs)}")
+    tensor = request.inputs[0]
+    if tensor.name != INPUT_NAME:
+        raise InvalidInput(f"unknown input '{tensor.name}': the model's only input is '{INPUT_NAME}'")
+    dtype = _DTYPES.get(tensor.datatype)
+    if dtype is None:
+        raise InvalidInput(f"input '{INPUT_NAME}' has datatype '{tensor.datatype}': expected FP32 or UINT8")
+    n = _batch_size(list(tensor.shape), max_batch_size)
+    count = n * IMAGE_PIXELS
+
+    raw = request.raw_input_contents
+    if raw:
+        if len(raw) != 1:
+            raise InvalidInput(f"raw_input_contents has {len(raw)} entries for 1 input")
+        if tensor.HasField("contents"):
+            raise InvalidInput("input has both raw_input_contents and typed contents; send one")
+        expected = count * dtype.itemsize
+        if len(raw[0]) != expected:
+            raise InvalidInput(
+                f"input '{INPUT_NAME}' {tensor.datatype} shape {list(tensor.shape)} needs {expected} bytes, "
+                f"got {len(raw[0])}"
+            )
+        values = np.frombuffer(raw[0], dtype=dtype)
+    else:
+        values = _typed_contents(tensor, dtype, count)
+
+    if dtype.kind == "u":
+        images = to_model_input(values.reshape(n, IMAGE_PIXELS))
+    else:
+        low, high = values.min(), values.max()
+        if not (low >= 0.0 and high <= 1.0):  # also false for NaN; +-Inf fail the bounds
+            raise InvalidInput(
+                f"FP32 pixels must be finite and in [0, 1] (pixel/255); got values in [{low}, {high}]. "
+                "Send raw 0-255 pixels as UINT8 instead."
+            )
+        images = values
+    return DecodedRequest(
+        images=images.reshape(n, IMAGE_PIXELS),
+        outputs=_requested_outputs(request),
+        labels=_labels(request, n),
+    )
+
+
+def _batch_size(shape: list[int], max_batch_size: int) -> int:
+    if len(shape) == 2 and shape[1] == IMAGE_PIXELS or len(shape) == 3 and shape[1:] == [28, 28]:
+        n = shape[0]
+    else:
+        raise InvalidInput(f"input '{INPUT_NAME}' has shape {shape}: expected {ACCEPTED_SHAPES}")
+    if n < 1:
+        raise InvalidInput(f"batch dimension is {n}: expected at least 1 image")
+    if n > max_batch_size:
+        raise InvalidInput(f"batch of {n} images is over the server's max_batch_size {max_batch_size}")
+    return n
+
+
+def _typed_contents(tensor, dtype: np.dtype, count: int) -> np.ndarray:
+    if not tensor.HasField("contents"):
+        raise InvalidInput(f"input '{INPUT_NAME}' has no data: send raw_input_contents or typed contents")
+    if dtype.kind == "u":
+        field, contents = "uint_contents", tensor.contents.uint_contents
+    else:
+        field, contents = "fp32_contents", tensor.contents.fp32_contents
+    if len(contents) != count:
+        raise InvalidInput(
+            f"input '{INPUT_NAME}' shape {list(tensor.shape)} needs {count} values in {field}, got {len(contents)}"
+        )
+    if dtype.kind == "u":
+        wide = np.fromiter(contents, dtype=np.uint32, count=count)
+        if count and wide.max() > 255:
+            raise InvalidInput(f"UINT8 pixel value {int(wide.max())} is out of range 0-255")
+        return wide.astype(np.uint8)
+    return np.fromiter(contents, dtype=np.float32, count=count)
+
+
+def _requested_outputs(request: pb.ModelInferRequest) -> tuple[str, ...]:
+    if not request.outputs:
+        return OUTPUT_NAMES
+    names = tuple(o.name for o in request.outputs)
+    for name in names:
+        if name not in OUTPUT_NAMES:
+            raise InvalidInput(f"unknown output '{name}': the model's outputs are {', '.join(OUTPUT_NAMES)}")
+    if len(set(names)) != len(names):
+        raise InvalidInput(f"output requested twice: {list(names)}")
+    return names
+
+
+def _labels(request: pb.ModelInferRequest, n: int) -> np.ndarray | None:
+    """Ground truth the client attached: parameter `label` (int, batch of 1) or `labels` ("3,1,4")."""
+    params = request.parameters
+    if "label" in params:
+        p = params["label"]
+        if p.WhichOneof("parameter_choice") != "int64_param" or n != 1:
+            raise InvalidInput("parameter 'label' must be an int64 and is for a batch of 1; use 'labels'")
+        labels = np.array([p.int64_param], dtype=np.int64)
+    elif "labels" in params:
+        text = params["labels"].string_param
+        try:
+            labels = np.array([int(v) for v in text.split(",")], dtype=np.int64)
+        except ValueError:
+            raise InvalidInput(f"parameter 'labels' must be comma-separated integers, got '{text[:40]}'") from None
+        if labels.size != n:
+            raise InvalidInput(f"parameter 'labels' has {labels.size} labels for {n} images")
+    else:
+        return None
+    if labels.min() < 0 or labels.max() >= NUM_CLASSES:
+        raise InvalidInput(f"labels must be in 0-{NUM_CLASSES - 1}")
+    return labels
+
+
+def encode_infer_response(
+    request: pb.ModelInferRequest, version: str, probabilities: np.ndarray, outputs: tuple[str, ...]
+) -> pb.ModelInferResponse:
+    """Build the response: every requested output as raw little-endian bytes (what tritonclient reads)."""
+    n = probabilities.shape[0]
+    tensors, raw = [], []
+    for name in outputs:
+        if name == PROBABILITIES:
+            tensors.append(pb.ModelInferResponse.InferOutputTensor(name=name, datatype="FP32", shape=(n, NUM_CLASSES)))
+            raw.append(np.ascontiguousarray(probabilities, dtype="<f4").tobytes())
+        else:
+            tensors.append(pb.ModelInferResponse.InferOutputTensor(name=name, datatype="INT64", shape=(n, 1)))
+            raw.append(probabilities.argmax(axis=1).astype("<i8").tobytes())
+    return pb.ModelInferResponse(
+        model_name=request.model_name,
+        model_version=version,
+        id=request.id,
+        outputs=tensors,
+        raw_output_contents=raw,
+    )

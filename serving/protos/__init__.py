@@ -1,0 +1,1 @@
+"""Generated V2 inference protocol (inference.*) and feedback (mnist.feedback.v1) gRPC modules."""

@@ -1,0 +1,258 @@
+"""The model repository: finds, loads, warms up and hot-swaps `<repo>/<model>/<version>/model.onnx`."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from serving import metrics
+from serving.batcher import Batcher
+from serving.config import Settings
+from serving.errors import ModelNotFound, ModelNotReady, StartupError
+from serving.feedback import AccuracyWindow, PredictionStore
+from serving.runtime import OnnxModel
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Duration:
+    count: int = 0
+    ns: int = 0
+
+    def add(self, seconds: float, count: int = 1) -> None:
+        self.count += count
+        self.ns += int(seconds * 1e9)
+
+
+@dataclass
+class Statistics:
+    """Triton-style cumulative statistics (the ModelStatistics RPC) for one version in this process."""
+
+    success: Duration = field(default_factory=Duration)
+    fail: Duration = field(default_factory=Duration)
+    queue: Duration = field(default_factory=Duration)
+    compute_infer: Duration = field(default_factory=Duration)
+    inference_count: int = 0
+    execution_count: int = 0
+    last_inference_ms: int = 0
+    batches: dict[int, Duration] = field(default_factory=dict)
+
+
+class ModelVersion:
+    """A loaded, warmed-up model version with its batcher, statistics, metrics and feedback state."""
+
+    def __init__(self, name: str, version: int, directory: Path, settings: Settings) -> None:
+        started = time.perf_counter()
+        self.name, self.version, self.directory = name, str(version), directory
+        self.metadata = _read_metadata(directory)
+        self.model = OnnxModel(directory / "model.onnx", settings)
+        self.model.warm_up(settings.max_batch_size)
+        self.load_seconds = time.perf_counter() - started
+        self.provider = self.model.provider
+        self.stats = Statistics()
+        self.predictions = PredictionStore(settings.feedback_capacity)
+        self.window = AccuracyWindow(settings.accuracy_window)
+        self.batcher = Batcher(
+            self.model.run,
+            self,
+            settings.max_batch_size,
+            settings.max_queue_delay_us,
+            settings.max_queue_images,
+            name=f"{name}-{version}",
+        )
+        labels = (name, self.version)
+        self._request_duration = metrics.REQUEST_DURATION.labels(*labels)
+        self._queue_duration = metrics.QUEUE_DURATION.labels(*labels)
+        self._compute_duration = metrics.COMPUTE_DURATION.labels(*labels)
+        self._batch_size = metrics.BATCH_SIZE.labels(*labels)
+        self._images = metrics.IMAGES.labels(*labels)
+        self._queue_images = metrics.QUEUE_IMAGES.labels(*labels)
+        self._confidence = metrics.CONFIDENCE.labels(*labels)
+        self._online = metrics.ONLINE_ACCURACY.labels(*labels)
+        self._ok = metrics.REQUESTS.labels(*labels, "OK")
+        self._predicted = [metrics.PREDICTIONS.labels(*labels, str(c)) for c in range(10)]
+        self._feedback = {o: metrics.FEEDBACK.labels(*labels, o) for o in ("correct", "incorrect", "unknown")}
+        metrics.PROVIDER.labels(*labels, self.provider).set(1)
+        metrics.MODEL_LOAD.labels(*labels).set(self.load_seconds)
+        if "test_accuracy" in self.metadata:
+            metrics.OFFLINE_ACCURACY.labels(*labels).set(float(self.metadata["test_accuracy"]))
+
+    # BatchObserver
+    def on_queue_wait(self, seconds: float) -> None:
+        self._queue_duration.observe(seconds)
+        self.stats.queue.add(seconds)
+
+    def on_batch(self, images: int, requests: int, seconds: float) -> None:
+        self._compute_duration.observe(seconds)
+        self._batch_size.observe(images)
+        self.stats.compute_infer.add(seconds * requests, requests)  # each request ran for the whole batch
+        self.stats.execution_count += 1
+        self.stats.batches.setdefault(images, Duration()).add(seconds)
+
+    def on_shed(self, reason: str) -> None:
+        metrics.SHED.labels(self.name, self.version, reason).inc()
+
+    def on_queue_depth(self, images: int) -> None:
+        self._queue_images.set(images)
+
+    def record_request(self, code: str, seconds: float, images: int) -> None:
+        self._request_duration.observe(seconds)
+        if code == "OK":
+            self._ok.inc()
+            self._images.inc(images)
+            self.stats.success.add(seconds)
+            self.stats.inference_count += images
+            self.stats.last_inference_ms = int(time.time() * 1000)
+        else:
+            metrics.REQUESTS.labels(self.name, self.version, code).inc()
+            self.stats.fail.add(seconds)
+
+    def record_answers(self, request_id: str, probs: np.ndarray, labels: np.ndarray | None) -> None:
+        """Drift signals for every answer; remember predictions for later feedback; score attached labels."""
+        classes = probs.argmax(axis=1)
+        if classes.size == 1:
+            self._predicted[int(classes[0])].inc()
+            self._confidence.observe(float(probs[0, classes[0]]))
+        else:
+            for c, count in enumerate(np.bincount(classes, minlength=10)):
+                if count:
+                    self._predicted[c].inc(int(count))
+            for p in probs.max(axis=1).tolist():
+                self._confidence.observe(p)
+        if labels is not None:
+            self._score(classes == labels)
+        elif request_id:
+            self.predictions.put(request_id, classes.astype(np.int8))
+
+    def feedback(self, request_id: str, labels: list[tuple[int, int]]) -> tuple[int, int, int]:
+        """Score (index, label) pairs for an earlier request: (matched, correct, unknown)."""
+        outcomes = []
+        for index, label in labels:
+            predicted = self.predictions.get(request_id, index)
+            if predicted is not None:
+                outcomes.append(predicted == label)
+        unknown = len(labels) - len(outcomes)
+        if unknown:
+            self._feedback["unknown"].inc(unknown)
+        if outcomes:
+            self._score(np.array(outcomes))
+        return len(outcomes), int(sum(outcomes)), unknown
+
+    def _score(self, correct: np.ndarray) -> None:
+        right = int(correct.sum())
+        self._feedback["correct"].inc(right)
+        self._feedback["incorrect"].inc(correct.size - right)
+        self.window.record(correct)
+        self._online.set(self.window.accuracy)
+
+    async def unload(self) -> None:
+        await self.batcher.drain()
+        self.batcher.close()
+        metrics.forget_version(self.name, self.version)
+        metrics.PROVIDER.remove(self.name, self.version, self.provider)
+
+
+def _read_metadata(directory: Path) -> dict:
+    path = directory / "metadata.json"
+    if not path.exists():
+        return {}
+    try:
+        metadata = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise StartupError(f"unreadable {path}: {exc}") from exc
+    if not isinstance(metadata, dict):
+        raise StartupError(f"{path} is not a JSON object")
+    return metadata
+
+
+def scan(root: Path) -> dict[str, dict[int, Path]]:
+    """Version directories on disk: integer-named folders holding a model.onnx (others are ignored)."""
+    found: dict[str, dict[int, Path]] = {}
+    for model_dir in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        versions = {int(v.name): v for v in model_dir.iterdir() if v.name.isdigit() and (v / "model.onnx").is_file()}
+        if versions:
+            found[model_dir.name] = versions
+    return found
+
+
+class ModelRepository:
+    """The loaded versions of every model; lookups for the request path; reloads for hot-swap."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.root = settings.model_repository
+        self.models: dict[str, dict[int, ModelVersion]] = {}
+        self.failed: dict[tuple[str, int], str] = {}
+        self._lock = asyncio.Lock()
+
+    @property
+    def ready(self) -> bool:
+        return any(self.models.values())
+
+    def versions(self) -> list[ModelVersion]:
+        return [mv for versions in self.models.values() for mv in versions.values()]
+
+    def get(self, name: str, version: str = "") -> ModelVersion:
+        versions = self.models.get(name)
+        if not versions:
+            known = ", ".join(sorted(self.models)) or "none"
+            if self.root.joinpath(name).is_dir() and not self.ready:
+                raise ModelNotReady(f"model '{name}' is not loaded yet")
+            raise ModelNotFound(f"unknown model '{name}' (models: {known})")
+        if not version:
+            return versions[max(versions)]
+        if not version.isdigit() or int(version) not in versions:
+            have = ", ".join(str(v) for v in sorted(versions))
+            raise ModelNotFound(f"model '{name}' has no version '{version}' (versions: {have})")
+        return versions[int(version)]
+
+    async def load_all(self) -> None:
+        """Start-up load: every version on disk; fails only if nothing at all can be served."""
+        if not self.root.is_dir():
+            raise StartupError(f"model repository '{self.root}' does not exist (train first: make train)")
+        found = scan(self.root)
+        if not found:
+            raise StartupError(f"model repository '{self.root}' has no <model>/<version>/model.onnx")
+        await self._sync(found)
+        if not self.ready:
+            raise StartupError(f"no model version in '{self.root}' could be loaded: {self.failed}")
+
+    async def rescan(self) -> None:
+        """Load versions that appeared, unload versions that disappeared (hot-swap)."""
+        if self.root.is_dir():
+            await self._sync(scan(self.root))
+
+    async def _sync(self, found: dict[str, dict[int, Path]]) -> None:
+        async with self._lock:
+            for name, versions in found.items():
+                for version, directory in sorted(versions.items()):
+                    loaded = self.models.get(name, {})
+                    if version in loaded or (name, version) in self.failed:
+                        continue
+                    try:
+                        mv = await asyncio.to_thread(ModelVersion, name, version, directory, self.settings)
+                    except Exception as exc:  # one bad version must not take the good ones down
+                        self.failed[(name, version)] = str(exc)
+                        metrics.MODEL_LOAD_FAILURES.labels(name).inc()
+                        log.error("model %s version %d rejected: %s", name, version, exc)
+                        continue
+                    self.models.setdefault(name, {})[version] = mv
+                    log.info(
+                        "loaded model %s version %d on %s in %.2fs (offline accuracy %s)",
+                        name, version, mv.provider, mv.load_seconds, mv.metadata.get("test_accuracy", "n/a"),
+                    )  # fmt: skip
+            for name, loaded in list(self.models.items()):
+                for version in [v for v in loaded if v not in found.get(name, {})]:
+                    mv = loaded.pop(version)
+                    log.info("unloading model %s version %d (removed from the repository)", name, version)
+                    await mv.unload()
+                if not loaded:
+                    del self.models[name]
+            self.failed = {k: v for k, v in self.failed.items() if k[1] in found.get(k[0], {})}

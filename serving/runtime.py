@@ -1,0 +1,74 @@
+"""onnxruntime sessions: choose the execution provider, report the one really in use, run batches."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from serving.config import IMAGE_PIXELS, NUM_CLASSES, Settings
+from serving.errors import StartupError
+
+log = logging.getLogger(__name__)
+
+CUDA = "CUDAExecutionProvider"
+CPU = "CPUExecutionProvider"
+_dlls_preloaded = False
+
+
+def requested_providers(settings: Settings) -> list:
+    """Providers to ask onnxruntime for, best first."""
+    global _dlls_preloaded
+    if settings.device == "cpu":
+        return [CPU]
+    if not _dlls_preloaded and hasattr(ort, "preload_dlls"):
+        # Loads the CUDA/cuDNN libraries shipped in pip wheels; harmless on a CPU-only build.
+        try:
+            ort.preload_dlls()
+        except Exception as exc:  # a missing optional DLL must not stop a CPU server
+            log.warning("onnxruntime.preload_dlls() failed: %s", exc)
+        _dlls_preloaded = True
+    if CUDA not in ort.get_available_providers():
+        if settings.device == "cuda" or settings.require_gpu:
+            log.warning("CUDA requested but this onnxruntime build has no %s", CUDA)
+        return [CPU]
+    return [(CUDA, {"device_id": settings.cuda_device_id}), CPU]
+
+
+class OnnxModel:
+    """One loaded model.onnx with its session; `run` is thread-safe (onnxruntime sessions are)."""
+
+    def __init__(self, path: Path, settings: Settings) -> None:
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if settings.intra_op_threads:
+            options.intra_op_num_threads = settings.intra_op_threads
+        # Spinning threads burn the cores that gRPC needs between small batches.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        try:
+            self.session = ort.InferenceSession(str(path), options, providers=requested_providers(settings))
+        except Exception as exc:
+            raise StartupError(f"cannot load {path}: {exc}") from exc
+        # onnxruntime falls back to CPU silently: what get_providers() says is what really runs.
+        self.provider = self.session.get_providers()[0]
+        inputs, outputs = self.session.get_inputs(), self.session.get_outputs()
+        if len(inputs) != 1 or inputs[0].shape[-1] != IMAGE_PIXELS or outputs[0].shape[-1] != NUM_CLASSES:
+            raise StartupError(
+                f"{path}: expected one input [N,{IMAGE_PIXELS}] and output [N,{NUM_CLASSES}], "
+                f"got {[(i.name, i.shape) for i in inputs]} -> {[(o.name, o.shape) for o in outputs]}"
+            )
+        self.input_name = inputs[0].name
+        self.output_name = outputs[0].name
+
+    def run(self, images: np.ndarray) -> np.ndarray:
+        """Class probabilities, float32 (N, 10), for float32 (N, 784) images."""
+        return self.session.run([self.output_name], {self.input_name: images})[0]
+
+    def warm_up(self, max_batch_size: int) -> None:
+        """First real inferences (batch 1 and the largest batch) so the first request pays no set-up."""
+        for n in sorted({1, max_batch_size}):
+            probs = self.run(np.zeros((n, IMAGE_PIXELS), dtype=np.float32))
+            if probs.shape != (n, NUM_CLASSES) or not np.all(np.isfinite(probs)):
+                raise StartupError(f"warm-up inference gave {probs.shape} / non-finite output")

@@ -1,0 +1,170 @@
+"""Server assembly and lifecycle: build the gRPC server, load models, serve, drain on SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from serving import metrics
+from serving.config import Settings
+from serving.errors import StartupError
+from serving.protos import feedback_pb2, feedback_pb2_grpc
+from serving.protos import grpc_service_pb2 as pb
+from serving.protos import grpc_service_pb2_grpc as pb_grpc
+from serving.protos.pool import POOL
+from serving.repository import ModelRepository
+from serving.runtime import CUDA
+from serving.servicer import FeedbackServicer, InferenceServicer, ServerState
+
+log = logging.getLogger(__name__)
+
+INFERENCE_SERVICE = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
+FEEDBACK_SERVICE = feedback_pb2.DESCRIPTOR.services_by_name["FeedbackService"].full_name
+# Stays SERVING while the process runs (liveness); "" and the service names mean ready to infer.
+LIVENESS = "liveness"
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+class InferenceServer:
+    """One server process: gRPC services, health, the model repository and their lifecycle."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.state = ServerState()
+        self.repository = ModelRepository(settings)
+        self.health = health.aio.HealthServicer()
+        self.port: int | None = None
+        self._server: grpc.aio.Server | None = None
+        self._poller: asyncio.Task | None = None
+
+    async def start(self) -> int:
+        """Bind and start answering (health NOT_SERVING), then load and warm up models, then SERVING."""
+        s = self.settings
+        options = [
+            ("grpc.max_receive_message_length", s.max_message_bytes),
+            ("grpc.max_send_message_length", s.max_message_bytes),
+            ("grpc.so_reuseport", 1 if s.workers > 1 else 0),
+        ]
+        server = grpc.aio.server(options=options)
+        pb_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(self.repository, s, self.state), server)
+        feedback_pb2_grpc.add_FeedbackServiceServicer_to_server(FeedbackServicer(self.repository), server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        services = (INFERENCE_SERVICE, FEEDBACK_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME)
+        reflection.enable_server_reflection(services, server, pool=POOL)
+        address = f"{s.host}:{s.grpc_port}"
+        try:
+            if s.tls_cert is not None:
+                creds = grpc.ssl_server_credentials([(s.tls_key.read_bytes(), s.tls_cert.read_bytes())])
+                self.port = server.add_secure_port(address, creds)
+            else:
+                self.port = server.add_insecure_port(address)
+        except (RuntimeError, OSError) as exc:
+            raise StartupError(f"cannot listen on {address}: {exc}") from exc
+        if not self.port:
+            raise StartupError(f"cannot listen on {address} (port in use?)")
+        self._server = server
+        await self._set_health(NOT_SERVING)
+        await self.health.set(LIVENESS, SERVING)
+        await server.start()
+        log.info("gRPC listening on %s:%d (%s)", s.host, self.port, "TLS" if s.tls_cert else "plaintext")
+
+        await self.repository.load_all()
+        providers = {mv.provider for mv in self.repository.versions()}
+        metrics.GPU_REQUIRED.set(1 if s.require_gpu else 0)
+        if s.require_gpu and providers != {CUDA}:
+            raise StartupError(f"--require-gpu: CUDA is not active (execution providers in use: {providers})")
+        for mv in self.repository.versions():
+            await self.health.set(mv.name, SERVING)
+        await self._set_health(SERVING)
+        if s.model_poll_interval_s:
+            self._poller = asyncio.create_task(self._poll_repository())
+        log.info(
+            "ready: %s",
+            ", ".join(f"{mv.name}/{mv.version} on {mv.provider}" for mv in self.repository.versions()),
+        )
+        return self.port
+
+    async def _set_health(self, status) -> None:
+        for name in ("", INFERENCE_SERVICE, FEEDBACK_SERVICE):
+            await self.health.set(name, status)
+
+    async def _poll_repository(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.model_poll_interval_s)
+            try:
+                before = set(self.repository.models)
+                await self.repository.rescan()
+                for name in set(self.repository.models) | before:
+                    await self.health.set(name, SERVING if name in self.repository.models else NOT_SERVING)
+            except Exception:
+                log.exception("repository rescan failed; serving what is loaded")
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Drain: NOT_SERVING at once, refuse new work, let accepted requests finish within the grace."""
+        grace = self.settings.grace_period_s if grace is None else grace
+        self.state.draining = True
+        await self._set_health(NOT_SERVING)
+        for name in list(self.repository.models):
+            await self.health.set(name, NOT_SERVING)
+        if self._poller is not None:
+            self._poller.cancel()
+        if self._server is not None:
+            await self._server.stop(grace)
+        for mv in self.repository.versions():
+            mv.batcher.close()
+
+    async def wait(self) -> None:
+        if self._server is not None:
+            await self._server.wait_for_termination()
+
+
+async def serve(settings: Settings) -> None:
+    """Run one server process until SIGTERM/SIGINT, then drain and return."""
+    server = InferenceServer(settings)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await server.start()
+    except BaseException:
+        await server.stop(0)
+        raise
+    await stop.wait()
+    log.info("signal received: draining for up to %.1fs", settings.grace_period_s)
+    await server.stop()
+    log.info("stopped")
+
+
+def run(settings: Settings) -> int:
+    """Process entry point: returns the exit code (0 after a clean drain, 1 on a start-up fault)."""
+    logging.basicConfig(
+        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(process)d %(name)s: %(message)s"
+    )
+    if settings.workers > 1:
+        from serving.workers import run_workers
+
+        return run_workers(settings)
+    if settings.metrics_port:
+        try:
+            metrics.start_metrics_server(settings.metrics_port, settings.host)
+        except OSError as exc:
+            log.error("cannot serve metrics on %s:%d: %s", settings.host, settings.metrics_port, exc)
+            return 1
+    try:
+        asyncio.run(serve(settings))
+    except StartupError as exc:
+        log.error("start-up failed: %s", exc)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run(Settings()))
