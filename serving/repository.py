@@ -65,6 +65,7 @@ class ModelVersion:
             settings.max_batch_size,
             settings.max_queue_delay_us,
             settings.max_queue_images,
+            settings.inline_max_images,
             name=f"{name}-{version}",
         )
         labels = (name, self.version)

@@ -1,0 +1,182 @@
+"""Dynamic batching: merging, splitting, bounds, deadlines and failure isolation, with a real numpy model."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from serving.batcher import Batcher
+from serving.errors import DeadlineExceeded, Overloaded
+
+
+class Recorder:
+    def __init__(self):
+        self.batches: list[tuple[int, int]] = []
+        self.shed: list[str] = []
+        self.waits: list[float] = []
+
+    def on_queue_wait(self, seconds):
+        self.waits.append(seconds)
+
+    def on_batch(self, images, requests, seconds):
+        self.batches.append((images, requests))
+
+    def on_shed(self, reason):
+        self.shed.append(reason)
+
+    def on_queue_depth(self, images):
+        pass
+
+
+def model(x: np.ndarray) -> np.ndarray:
+    """Row sums into 10 columns: each request's answer identifies its own input."""
+    return np.repeat(x.sum(axis=1, keepdims=True), 10, axis=1)
+
+
+class Gate:
+    """A model that blocks until released, so tests decide when a batch finishes."""
+
+    def __init__(self):
+        self.release = threading.Event()
+        self.started = threading.Event()
+
+    def __call__(self, x):
+        self.started.set()
+        self.release.wait(10)
+        return model(x)
+
+
+async def test_idle_queue_runs_at_once_and_concurrent_requests_merge():
+    rec = Recorder()
+    gate = Gate()
+    batcher = Batcher(gate, rec, max_batch_size=64)
+    first = asyncio.create_task(batcher.infer(np.full((1, 4), 1.0)))
+    await asyncio.to_thread(gate.started.wait, 5)  # ran immediately, alone
+    rest = [asyncio.create_task(batcher.infer(np.full((n, 4), float(n)))) for n in (2, 3, 5)]
+    await asyncio.sleep(0.01)
+    gate.release.set()
+    results = await asyncio.gather(first, *rest)
+    assert rec.batches == [(1, 1), (10, 3)]  # the three waiting requests went as one run
+    for n, probs in zip((1, 2, 3, 5), results, strict=True):
+        assert probs.shape == (n, 10)
+        np.testing.assert_array_equal(probs, np.full((n, 10), 4.0 * n))
+    batcher.close()
+
+
+async def test_batches_never_exceed_max_batch_size():
+    rec = Recorder()
+    batcher = Batcher(model, rec, max_batch_size=8)
+    sizes = [3, 5, 2, 7, 1, 8, 4] * 5
+    results = await asyncio.gather(*(batcher.infer(np.full((n, 2), float(i))) for i, n in enumerate(sizes)))
+    assert all(images <= 8 for images, _ in rec.batches)
+    assert sum(images for images, _ in rec.batches) == sum(sizes)
+    for i, (n, probs) in enumerate(zip(sizes, results, strict=True)):
+        np.testing.assert_array_equal(probs, np.full((n, 10), 2.0 * i))
+    batcher.close()
+
+
+async def test_full_queue_is_refused_with_overloaded():
+    rec = Recorder()
+    gate = Gate()
+    batcher = Batcher(gate, rec, max_batch_size=4, max_queue_images=6)
+    running = asyncio.create_task(batcher.infer(np.ones((4, 2))))
+    await asyncio.to_thread(gate.started.wait, 5)
+    queued = [asyncio.create_task(batcher.infer(np.ones((3, 2)))) for _ in range(2)]
+    await asyncio.sleep(0.01)
+    with pytest.raises(Overloaded, match="queue full"):
+        await batcher.infer(np.ones((1, 2)))
+    assert rec.shed == ["queue_full"]
+    gate.release.set()
+    await asyncio.gather(running, *queued)
+    assert batcher.queued_images == 0
+    batcher.close()
+
+
+async def test_expired_deadline_is_dropped_before_compute():
+    rec = Recorder()
+    gate = Gate()
+    batcher = Batcher(gate, rec, max_batch_size=16)
+    running = asyncio.create_task(batcher.infer(np.ones((1, 2))))
+    await asyncio.to_thread(gate.started.wait, 5)
+    expired = asyncio.create_task(batcher.infer(np.ones((5, 2)), deadline=time.monotonic() + 0.01))
+    alive = asyncio.create_task(batcher.infer(np.ones((2, 2)), deadline=time.monotonic() + 60))
+    await asyncio.sleep(0.05)
+    gate.release.set()
+    with pytest.raises(DeadlineExceeded):
+        await expired
+    assert (await alive).shape == (2, 10)
+    await running
+    assert rec.shed == ["deadline"]
+    assert rec.batches == [(1, 1), (2, 1)]  # the expired request never reached the model
+    batcher.close()
+
+
+async def test_a_failing_request_does_not_fail_its_batch_mates():
+    def picky(x):
+        if np.isnan(x).any():
+            raise ValueError("poison")
+        return model(x)
+
+    rec = Recorder()
+    gate = Gate()
+    batcher = Batcher(lambda x: gate(x) if x.shape[0] == 1 and x[0, 0] == 7 else picky(x), rec, max_batch_size=16)
+    blocker = asyncio.create_task(batcher.infer(np.full((1, 2), 7.0)))
+    await asyncio.to_thread(gate.started.wait, 5)
+    good = [asyncio.create_task(batcher.infer(np.ones((2, 2)))) for _ in range(3)]
+    bad = asyncio.create_task(batcher.infer(np.full((1, 2), np.nan)))
+    await asyncio.sleep(0.01)
+    gate.release.set()
+    await blocker
+    for task in good:
+        assert (await task).shape == (2, 10)
+    with pytest.raises(ValueError, match="poison"):
+        await bad
+    batcher.close()
+
+
+async def test_queue_delay_lets_a_batch_fill():
+    rec = Recorder()
+    batcher = Batcher(model, rec, max_batch_size=8, max_queue_delay_us=200_000)
+    results = await asyncio.gather(*(batcher.infer(np.ones((2, 2))) for _ in range(4)))
+    assert len(results) == 4
+    assert rec.batches == [(8, 4)]  # full batch released before the delay ran out
+    batcher.close()
+
+
+async def test_drain_waits_for_queued_work():
+    rec = Recorder()
+    batcher = Batcher(model, rec, max_batch_size=4)
+    tasks = [asyncio.create_task(batcher.infer(np.ones((3, 2)))) for _ in range(5)]
+    await asyncio.sleep(0)
+    await batcher.drain()
+    assert all(t.done() and not t.exception() for t in tasks)
+    assert not batcher.busy
+    batcher.close()
+
+
+async def test_idle_small_requests_run_inline_and_busy_ones_queue():
+    rec = Recorder()
+    gate = Gate()
+    calls = []
+
+    def run(x):
+        calls.append(x.shape[0])
+        return gate(x) if x.shape[0] == 32 else model(x)
+
+    batcher = Batcher(run, rec, max_batch_size=64, inline_max_images=4)
+    probs = await batcher.infer(np.ones((2, 3)))  # idle and small: computed in the caller, no worker task
+    assert probs.shape == (2, 10) and not batcher.busy
+    big = asyncio.create_task(batcher.infer(np.ones((32, 3))))  # too big for inline: goes to the thread
+    await asyncio.to_thread(gate.started.wait, 5)
+    small = [asyncio.create_task(batcher.infer(np.ones((1, 3)))) for _ in range(3)]
+    await asyncio.sleep(0.01)
+    assert not any(t.done() for t in small)  # the model is busy: they wait and merge
+    gate.release.set()
+    await big
+    await asyncio.gather(*small)
+    assert calls == [2, 32, 3]
+    batcher.close()
