@@ -1,0 +1,1 @@
+"""Training side: real MNIST data, the seed Keras model, training with TensorBoard, ONNX export."""
