@@ -177,7 +177,12 @@ def scan(root: Path) -> dict[str, dict[int, Path]]:
     """Version directories on disk: integer-named folders holding a model.onnx (others are ignored)."""
     found: dict[str, dict[int, Path]] = {}
     for model_dir in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        versions = {int(v.name): v for v in model_dir.iterdir() if v.name.isdigit() and (v / "model.onnx").is_file()}
+        try:
+            entries = list(model_dir.iterdir())
+        except PermissionError:  # e.g. a volume root's lost+found: not a model
+            log.warning("skipping unreadable directory %s", model_dir)
+            continue
+        versions = {int(v.name): v for v in entries if v.name.isdigit() and (v / "model.onnx").is_file()}
         if versions:
             found[model_dir.name] = versions
     return found
