@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 
 from prometheus_client import (
@@ -50,7 +51,7 @@ QUEUE_IMAGES = Gauge(f"{PREFIX}_queue_images", "Images waiting in the batch queu
 SHED = Counter(f"{PREFIX}_shed", "Requests refused or dropped before compute (queue_full, deadline).", (*MV, "reason"))
 PROVIDER = Gauge(
     f"{PREFIX}_execution_provider_info", "1 for the execution provider really running each model version.",
-    (*MV, "provider"), multiprocess_mode="liveall",
+    (*MV, "provider"), multiprocess_mode="livemax",
 )  # fmt: skip
 GPU_REQUIRED = Gauge(f"{PREFIX}_gpu_required", "1 when the server was told to require CUDA.", multiprocess_mode="max")
 MODEL_LOAD = Gauge(
@@ -68,17 +69,28 @@ ONLINE_ACCURACY = Gauge(
 FEEDBACK = Counter(
     f"{PREFIX}_feedback", "Labelled answers by outcome (correct, incorrect, unknown id).", (*MV, "outcome")
 )
+# livemin: with several workers the worst one shows (each worker runs its own canary on its own provider).
 CANARY_ACCURACY = Gauge(
     f"{PREFIX}_canary_accuracy", "Accuracy of the live model on the golden set at the last canary run.", MV,
-    multiprocess_mode="mostrecent",
+    multiprocess_mode="livemin",
 )  # fmt: skip
+CANARY_RUNS = Counter(f"{PREFIX}_canary_runs", "Canary evaluations by result (ok, error).", (*MV, "result"))
 PREDICTIONS = Counter(f"{PREFIX}_predictions", "Predicted classes (drift signal, needs no labels).", (*MV, "class"))
 CONFIDENCE = Histogram(f"{PREFIX}_confidence", "Top-class probability of each answer.", MV, buckets=CONFIDENCE_BUCKETS)
 
 
 def forget_version(model: str, version: str) -> None:
     """Drop the per-version series of an unloaded model version."""
-    for metric in (OFFLINE_ACCURACY, MODEL_LOAD, QUEUE_IMAGES, ONLINE_ACCURACY, CANARY_ACCURACY):
+    gauges = (OFFLINE_ACCURACY, MODEL_LOAD, QUEUE_IMAGES, ONLINE_ACCURACY, CANARY_ACCURACY)
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        # remove() cannot delete a series from the shared files (it only warns): blank the values instead,
+        # so an unloaded version stops reporting its last accuracy and its provider.
+        for metric in gauges:
+            metric.labels(model, version).set(0 if metric is QUEUE_IMAGES else math.nan)
+        for labels in [k for k in PROVIDER._metrics if k[:2] == (model, version)]:
+            PROVIDER.labels(*labels).set(0)
+        return
+    for metric in gauges:
         try:
             metric.remove(model, version)
         except KeyError:

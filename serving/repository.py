@@ -16,6 +16,7 @@ from serving.batcher import Batcher
 from serving.config import Settings
 from serving.errors import ModelNotFound, ModelNotReady, StartupError
 from serving.feedback import AccuracyWindow, PredictionStore
+from serving.golden import accuracy, load_golden_set
 from serving.runtime import OnnxModel
 
 log = logging.getLogger(__name__)
@@ -54,6 +55,8 @@ class ModelVersion:
         self.metadata = _read_metadata(directory)
         self.model = OnnxModel(directory / "model.onnx", settings)
         self.model.warm_up(settings.max_batch_size)
+        if settings.verify_on_load:
+            _verify_accuracy(self.model, self.metadata, settings.data_dir)
         self.load_seconds = time.perf_counter() - started
         self.provider = self.model.provider
         self.stats = Statistics()
@@ -77,6 +80,7 @@ class ModelVersion:
         self._queue_images = metrics.QUEUE_IMAGES.labels(*labels)
         self._confidence = metrics.CONFIDENCE.labels(*labels)
         self._online = metrics.ONLINE_ACCURACY.labels(*labels)
+        self._online.set(float("nan"))  # no labelled answer yet: 0 would read as 0% accurate
         self._ok = metrics.REQUESTS.labels(*labels, "OK")
         self._predicted = [metrics.PREDICTIONS.labels(*labels, str(c)) for c in range(10)]
         self._feedback = {o: metrics.FEEDBACK.labels(*labels, o) for o in ("correct", "incorrect", "unknown")}
@@ -160,6 +164,27 @@ class ModelVersion:
         metrics.PROVIDER.remove(self.name, self.version, self.provider)
 
 
+# A version is refused if it scores this far below its recorded test accuracy on the first test images.
+VERIFY_IMAGES = 1000
+VERIFY_TOLERANCE = 0.05
+
+
+def _verify_accuracy(model: OnnxModel, metadata: dict, data_dir: Path) -> None:
+    """Refuse a version that does not reproduce the test accuracy recorded in its metadata.json."""
+    if "test_accuracy" not in metadata:
+        return
+    golden = load_golden_set(data_dir, VERIFY_IMAGES)
+    if golden is None:
+        return
+    score = accuracy(model.run(golden.images), golden.labels)
+    recorded = float(metadata["test_accuracy"])
+    if score < recorded - VERIFY_TOLERANCE:
+        raise StartupError(
+            f"accuracy {score:.3f} on the first {golden.labels.size} MNIST test images is more than "
+            f"{VERIFY_TOLERANCE} below the recorded test_accuracy {recorded:.3f}"
+        )
+
+
 def _read_metadata(directory: Path) -> dict:
     path = directory / "metadata.json"
     if not path.exists():
@@ -214,7 +239,8 @@ class ModelRepository:
             raise ModelNotFound(f"unknown model '{name}' (models: {known})")
         if not version:
             return versions[max(versions)]
-        if not version.isdigit() or int(version) not in versions:
+        # isdigit() alone admits '²', which int() refuses: only ASCII digits name a version.
+        if not (version.isascii() and version.isdigit()) or int(version) not in versions:
             have = ", ".join(str(v) for v in sorted(versions))
             raise ModelNotFound(f"model '{name}' has no version '{version}' (versions: {have})")
         return versions[int(version)]

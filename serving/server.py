@@ -6,12 +6,14 @@ import asyncio
 import logging
 import signal
 import sys
+import time
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from serving import metrics
+from serving.canary import Canary
 from serving.config import Settings
 from serving.errors import StartupError
 from serving.protos import feedback_pb2, feedback_pb2_grpc
@@ -30,6 +32,8 @@ FEEDBACK_SERVICE = feedback_pb2.DESCRIPTOR.services_by_name["FeedbackService"].f
 LIVENESS = "liveness"
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+# A drain closes the port once no ModelInfer call has arrived for this long (or the grace is spent).
+DRAIN_QUIET_S = 0.1
 
 
 class InferenceServer:
@@ -43,6 +47,7 @@ class InferenceServer:
         self.port: int | None = None
         self._server: grpc.aio.Server | None = None
         self._poller: asyncio.Task | None = None
+        self._canary: asyncio.Task | None = None
 
     async def start(self) -> int:
         """Bind and start answering (health NOT_SERVING), then load and warm up models, then SERVING."""
@@ -59,14 +64,21 @@ class InferenceServer:
         services = (INFERENCE_SERVICE, FEEDBACK_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME)
         reflection.enable_server_reflection(services, server, pool=POOL)
         address = f"{s.host}:{s.grpc_port}"
+        tls = ""
+        if s.tls_cert is not None:
+            try:
+                key_and_cert = (s.tls_key.read_bytes(), s.tls_cert.read_bytes())
+            except OSError as exc:
+                raise StartupError(f"cannot read the TLS key/certificate: {exc}") from exc
+            # gRPC reports a bad PEM pair only as a failure to bind.
+            tls = " with TLS (are --tls-cert/--tls-key a PEM certificate and its private key?)"
         try:
             if s.tls_cert is not None:
-                creds = grpc.ssl_server_credentials([(s.tls_key.read_bytes(), s.tls_cert.read_bytes())])
-                self.port = server.add_secure_port(address, creds)
+                self.port = server.add_secure_port(address, grpc.ssl_server_credentials([key_and_cert]))
             else:
                 self.port = server.add_insecure_port(address)
         except (RuntimeError, OSError) as exc:
-            raise StartupError(f"cannot listen on {address}: {exc}") from exc
+            raise StartupError(f"cannot listen on {address}{tls}: {exc}") from exc
         if not self.port:
             raise StartupError(f"cannot listen on {address} (port in use?)")
         self._server = server
@@ -85,6 +97,8 @@ class InferenceServer:
         await self._set_health(SERVING)
         if s.model_poll_interval_s:
             self._poller = asyncio.create_task(self._poll_repository())
+        if s.canary_interval_s:
+            self._canary = asyncio.create_task(Canary(self.repository, s).run())
         log.info(
             "ready: %s",
             ", ".join(f"{mv.name}/{mv.version} on {mv.provider}" for mv in self.repository.versions()),
@@ -115,8 +129,18 @@ class InferenceServer:
             await self.health.set(name, NOT_SERVING)
         if self._poller is not None:
             self._poller.cancel()
+        if self._canary is not None:
+            self._canary.cancel()
+        # NOTE: grpc's stop() cancels the calls it has accepted but not yet handed to a handler (the client
+        # sees CANCELLED, not the retryable UNAVAILABLE). So keep the port open, refusing new calls with
+        # UNAVAILABLE, until our handlers are done and calls stop arriving; then close it.
+        deadline = time.monotonic() + grace
+        while time.monotonic() < deadline and (
+            self.state.in_flight or time.monotonic() - self.state.last_call < DRAIN_QUIET_S
+        ):
+            await asyncio.sleep(0.01)
         if self._server is not None:
-            await self._server.stop(grace)
+            await self._server.stop(max(0.0, deadline - time.monotonic()))
         for mv in self.repository.versions():
             mv.batcher.close()
 

@@ -30,6 +30,8 @@ class ServerState:
 
     def __init__(self) -> None:
         self.draining = False
+        self.in_flight = 0  # ModelInfer calls inside a handler: the drain waits for 0
+        self.last_call = 0.0  # time.monotonic() of the latest ModelInfer, refused ones included
 
 
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
@@ -102,6 +104,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def ModelInfer(self, request, context):
         start = time.perf_counter()
         IN_FLIGHT.inc()
+        self.state.in_flight += 1
+        self.state.last_call = time.monotonic()
         mv: ModelVersion | None = None
         code, images = "OK", 0
         try:
@@ -123,6 +127,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             raise
         finally:
             IN_FLIGHT.dec()
+            self.state.in_flight -= 1
             if mv is not None:
                 mv.record_request(code, time.perf_counter() - start, images)
 

@@ -1,0 +1,84 @@
+"""Canary: a labelled golden set pushed through every live model version's batcher on a timer."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import numpy as np
+
+from serving import metrics
+from serving.config import Settings
+from serving.golden import GoldenSet, accuracy, load_golden_set
+from serving.repository import ModelRepository, ModelVersion
+
+log = logging.getLogger(__name__)
+
+# A canary this far below the version's recorded test_accuracy is logged as a warning.
+WARN_BELOW = 0.05
+
+
+class Canary:
+    """Every `canary_interval_s`, score the golden set through each loaded version and set canary_accuracy.
+
+    Canary batches go through the version's batcher (same session, provider and thread as client traffic),
+    so they show in the compute/queue/batch-size metrics and ModelStatistics execution counts, but never in
+    requests_total, images_total, request_duration, predictions, confidence or the success counts.
+    """
+
+    def __init__(self, repository: ModelRepository, settings: Settings) -> None:
+        self.repository = repository
+        self.settings = settings
+        self.golden: GoldenSet | None = None
+        self._low: set[tuple[str, str]] = set()  # versions whose last run was logged as low
+
+    async def run(self) -> None:
+        """Load the golden set, then evaluate forever (cancel to stop); returns at once without data."""
+        self.golden = await asyncio.to_thread(load_golden_set, self.settings.data_dir, self.settings.canary_images)
+        if self.golden is None:
+            log.warning("canary disabled: no golden set in %s", self.settings.data_dir)
+            return
+        log.info("canary: %d golden images every %.1fs", self.golden.labels.size, self.settings.canary_interval_s)
+        while True:
+            await self.run_once()
+            await asyncio.sleep(self.settings.canary_interval_s)
+
+    async def run_once(self) -> dict[tuple[str, str], float]:
+        """Evaluate every loaded version once; the accuracies by (model, version)."""
+        results = {}
+        for mv in self.repository.versions():
+            try:
+                results[(mv.name, mv.version)] = await self.evaluate(mv)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # overload, a version unloaded mid-run, a failing provider
+                metrics.CANARY_RUNS.labels(mv.name, mv.version, "error").inc()
+                log.warning("canary run on %s/%s failed: %s", mv.name, mv.version, exc)
+        return results
+
+    async def evaluate(self, mv: ModelVersion) -> float:
+        golden = self.golden
+        assert golden is not None
+        step = self.settings.max_batch_size
+        chunks = [await mv.batcher.infer(golden.images[lo : lo + step]) for lo in range(0, golden.labels.size, step)]
+        score = accuracy(np.concatenate(chunks), golden.labels)
+        if mv not in self.repository.versions():  # unloaded meanwhile: do not bring its series back
+            return score
+        log.debug("canary: %s/%s scores %.4f", mv.name, mv.version, score)
+        metrics.CANARY_ACCURACY.labels(mv.name, mv.version).set(score)
+        metrics.CANARY_RUNS.labels(mv.name, mv.version, "ok").inc()
+        self._report(mv, score)
+        return score
+
+    def _report(self, mv: ModelVersion, score: float) -> None:
+        key = (mv.name, mv.version)
+        recorded = mv.metadata.get("test_accuracy")
+        low = recorded is not None and score < float(recorded) - WARN_BELOW
+        if low and key not in self._low:
+            log.warning(
+                "canary: %s/%s scores %.4f on the golden set, recorded test_accuracy %.4f: model or provider broken",
+                mv.name, mv.version, score, float(recorded),
+            )  # fmt: skip
+        elif not low and key in self._low:
+            log.info("canary: %s/%s recovered (%.4f)", mv.name, mv.version, score)
+        (self._low.add if low else self._low.discard)(key)

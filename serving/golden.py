@@ -1,0 +1,49 @@
+"""The golden set: the first MNIST test images with their labels, read from the local cache (never downloaded).
+
+Used to refuse a version that does not reproduce its recorded accuracy at load time, and by the canary.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class GoldenSet:
+    """The first N MNIST test images (float32, model-ready, read-only) and their labels."""
+
+    images: np.ndarray  # (N, 784) float32 in [0, 1]
+    labels: np.ndarray  # (N,) int64
+
+
+@functools.cache
+def load_golden_set(data_dir: Path, size: int) -> GoldenSet | None:
+    """The golden set from the local MNIST cache, or None (with a warning) if it cannot be read."""
+    from training.data import CACHE_NAME, DatasetError, load_mnist, to_model_input
+
+    cache = Path(data_dir) / CACHE_NAME
+    if not cache.is_file():  # load_mnist would download: never at serving time
+        log.warning("no MNIST cache at %s (run `make data`): no load-time accuracy check, no canary", cache)
+        return None
+    try:
+        data = load_mnist(data_dir)
+    except (DatasetError, OSError, ValueError) as exc:
+        log.warning("cannot read the MNIST cache in %s: %s", data_dir, exc)
+        return None
+    images, labels = to_model_input(data.x_test[:size]), data.y_test[:size].astype(np.int64)
+    images.setflags(write=False)
+    labels.setflags(write=False)
+    return GoldenSet(images, labels)
+
+
+def accuracy(probs: np.ndarray, labels: np.ndarray) -> float:
+    """Fraction of rows whose argmax is the label; rows with NaN/Inf count as wrong."""
+    correct = (probs.argmax(axis=1) == labels) & np.isfinite(probs).all(axis=1)
+    return float(correct.mean())

@@ -1,0 +1,113 @@
+"""Helpers for the metrics tests: parsed /metrics snapshots, exact deltas, the server fixtures' helpers."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+import time
+from pathlib import Path
+
+import grpc
+from prometheus_client.parser import text_string_to_metric_families
+
+from serving.protos import feedback_pb2, feedback_pb2_grpc
+from serving.protos import grpc_service_pb2_grpc as pb_grpc
+
+_HERE = Path(__file__).resolve().parent
+
+
+def _serving_conftest():
+    """tests/ is not a package: load tests/serving/conftest.py by path, once, under a unique name."""
+    name = "_metrics_serving_conftest"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, _HERE / "conftest.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+start_server = _serving_conftest().start_server
+ServerProcess = _serving_conftest().ServerProcess
+ROOT = _serving_conftest().ROOT
+GOLDEN = 1000  # canary images in these tests
+
+
+class Snapshot:
+    """One scrape of /metrics, parsed by prometheus_client's own parser."""
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+        self.samples: list[tuple[str, dict[str, str], float]] = [
+            (s.name, s.labels, s.value) for family in text_string_to_metric_families(text) for s in family.samples
+        ]
+
+    def get(self, name: str, **labels: str) -> float:
+        """Sum of the samples called `name` whose labels include `labels` (0.0 when there are none)."""
+        return sum(v for n, lab, v in self.samples if n == name and labels.items() <= lab.items())
+
+    def series(self, name: str, **labels: str) -> list[tuple[dict[str, str], float]]:
+        return [(lab, v) for n, lab, v in self.samples if n == name and labels.items() <= lab.items()]
+
+    def has(self, name: str, **labels: str) -> bool:
+        return bool(self.series(name, **labels))
+
+
+def scrape(server) -> Snapshot:
+    return Snapshot(server.metrics())
+
+
+def delta(before: Snapshot, after: Snapshot, name: str, **labels: str) -> float:
+    return after.get(name, **labels) - before.get(name, **labels)
+
+
+def wait_for_metric(server, name: str, timeout: float = 30, **labels: str) -> Snapshot:
+    """Scrape until a series appears (e.g. the first canary result); fail with the server log if not."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        snap = scrape(server)
+        if snap.has(name, **labels):
+            return snap
+        if server.proc.poll() is not None:
+            break
+        time.sleep(0.1)
+    raise AssertionError(f"{name}{labels} never appeared in /metrics:\n{server.log()[-3000:]}")
+
+
+def metadata(repository: Path, version: int = 1) -> dict:
+    return json.loads((repository / "mnist" / str(version) / "metadata.json").read_text())
+
+
+def stubs(url: str, own_connection: bool = False):
+    """(channel, inference stub, feedback stub) for a server URL; close the channel when done.
+
+    `own_connection`: a new TCP connection instead of one shared with other channels to the same address
+    (with --workers, each connection lands on one worker)."""
+    options = [("grpc.max_send_message_length", 64 << 20), ("grpc.max_receive_message_length", 64 << 20)]
+    if own_connection:
+        options.append(("grpc.use_local_subchannel_pool", 1))
+    channel = grpc.insecure_channel(url, options=options)
+    return channel, pb_grpc.GRPCInferenceServiceStub(channel), feedback_pb2_grpc.FeedbackServiceStub(channel)
+
+
+def feedback_request(request_id: str, labels, model: str = "mnist", version: str = "") -> feedback_pb2.FeedbackRequest:
+    """Ground truth for every image of an earlier request, in order (index i gets labels[i])."""
+    return feedback_pb2.FeedbackRequest(
+        model_name=model,
+        model_version=version,
+        request_id=request_id,
+        labels=[feedback_pb2.Label(index=i, label=int(v)) for i, v in enumerate(labels)],
+    )
+
+
+def in_process_accuracy(model_path: Path, mnist_data, images: int = GOLDEN) -> float:
+    """What onnxruntime in this process scores on the first `images` MNIST test images (the golden set)."""
+    import onnxruntime as ort
+
+    from serving.golden import accuracy
+    from training.data import to_model_input
+
+    session = ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])
+    probs = session.run(None, {session.get_inputs()[0].name: to_model_input(mnist_data.x_test[:images])})[0]
+    return accuracy(probs, mnist_data.y_test[:images])
