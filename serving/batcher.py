@@ -148,7 +148,9 @@ class Batcher:
                 break
             queue.popleft()
             self._queued_images -= n
-            if item.future.done():  # the caller went away (cancelled)
+            if item.future.done():  # the caller went away: gRPC cancels the handler when its deadline passes
+                if item.deadline is not None and now > item.deadline:
+                    self._observer.on_shed("deadline")
                 continue
             if item.deadline is not None and now > item.deadline:
                 self._observer.on_shed("deadline")

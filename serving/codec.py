@@ -129,7 +129,7 @@ def _labels(request: pb.ModelInferRequest, n: int) -> np.ndarray | None:
         text = params["labels"].string_param
         try:
             labels = np.array([int(v) for v in text.split(",")], dtype=np.int64)
-        except ValueError:
+        except (ValueError, OverflowError):  # OverflowError: an integer beyond int64
             raise InvalidInput(f"parameter 'labels' must be comma-separated integers, got '{text[:40]}'") from None
         if labels.size != n:
             raise InvalidInput(f"parameter 'labels' has {labels.size} labels for {n} images")

@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 IMAGE_PIXELS = 784
@@ -39,7 +39,9 @@ class Settings(BaseSettings):
     )
     cuda_device_id: int = Field(0, ge=0, description="CUDA device for the CUDA execution provider.")
     require_gpu: bool = Field(False, description="Exit non-zero at start-up unless CUDA is really in use.")
-    intra_op_threads: int = Field(0, ge=0, description="onnxruntime intra-op threads (0: its default).")
+    intra_op_threads: int = Field(
+        0, ge=0, description="onnxruntime intra-op threads per worker (0: cores / workers; one worker: ORT's default)."
+    )
     workers: int = Field(1, ge=1, description="Server processes sharing the gRPC port (SO_REUSEPORT).")
     grace_period_s: float = Field(10.0, ge=0, description="Drain time on SIGTERM before in-flight work is cut.")
     max_message_bytes: int = Field(
@@ -53,6 +55,9 @@ class Settings(BaseSettings):
     )
     canary_images: int = Field(1000, ge=1, le=10000, description="Size of the labelled golden set.")
     data_dir: Path = Field(Path("data"), description="Where the MNIST cache lives (for the canary).")
+    verify_on_load: bool = Field(
+        True, description="Refuse a version scoring >0.05 below its recorded test_accuracy (needs data_dir)."
+    )
     feedback_capacity: int = Field(
         100_000, ge=1, description="Recent predictions kept for ground-truth feedback (bounded memory)."
     )
@@ -83,4 +88,12 @@ def parse_args(argv: list[str] | None = None) -> Settings:
         else:
             parser.add_argument(flag, default=None, help=f"{field.description} (default: {field.default})")
     given = {k: v for k, v in vars(parser.parse_args(argv)).items() if v is not None}
-    return Settings(**given)
+    try:
+        return Settings(**given)
+    except ValidationError as exc:  # one line naming the flag, not a traceback
+        parser.error("; ".join(_describe(e) for e in exc.errors()))
+
+
+def _describe(error) -> str:
+    where = "--" + "-".join(str(p) for p in error["loc"]).replace("_", "-") + ": " if error["loc"] else ""
+    return where + error["msg"].removeprefix("Value error, ")

@@ -1,0 +1,131 @@
+"""Shared helpers for the reliability tests: the real server (reused from tests/serving), a reference, metrics."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import grpc
+import numpy as np
+
+from serving.client import infer_request, probabilities
+from serving.protos import grpc_service_pb2_grpc as pb_grpc
+
+_HERE = Path(__file__).resolve().parent
+
+
+def _load_serving_conftest():
+    """tests/ is not a package: load the serving fixtures' helpers by path, once, under a unique name."""
+    name = "_reliability_serving_conftest"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, _HERE.parent / "serving" / "conftest.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+_serving = _load_serving_conftest()
+start_server = _serving.start_server
+wait_serving = _serving.wait_serving
+free_port = _serving.free_port
+ServerProcess = _serving.ServerProcess
+ROOT = _serving.ROOT
+
+# Clients may send more than any server limit, so the server (not the client) decides what is too big.
+CLIENT_OPTIONS = [("grpc.max_send_message_length", 256 << 20), ("grpc.max_receive_message_length", 256 << 20)]
+
+
+class Reference:
+    """In-process onnxruntime on the same model file: the answers the server must give."""
+
+    def __init__(self, model_path: Path, images: np.ndarray) -> None:
+        import onnxruntime as ort
+
+        from training.data import to_model_input
+
+        session = ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])
+        name = session.get_inputs()[0].name
+        self.images = images.reshape(-1, 784)
+        self.probs = session.run(None, {name: to_model_input(self.images)})[0]
+
+    def check(self, lo: int, n: int, probs: np.ndarray) -> bool:
+        """True if `probs` are the model's answer for images[lo:lo+n] (batching changes only float rounding)."""
+        want = self.probs[lo : lo + n]
+        return probs.shape == want.shape and bool(np.allclose(probs, want, atol=1e-5))
+
+
+def channel(server: ServerProcess) -> grpc.Channel:
+    return grpc.insecure_channel(server.url, options=CLIENT_OPTIONS)
+
+
+def infer_ok(server: ServerProcess, images: np.ndarray, version: str = "", timeout: float = 30):
+    """One plain request; returns (probabilities, model_version)."""
+    with channel(server) as ch:
+        reply = pb_grpc.GRPCInferenceServiceStub(ch).ModelInfer(
+            infer_request(images, "mnist", version), timeout=timeout
+        )
+    return probabilities(reply), reply.model_version
+
+
+def metric_value(text: str, name: str, **labels: str) -> float:
+    """The value of one sample in Prometheus text (0.0 when the series is absent)."""
+    for line in text.splitlines():
+        if not line.startswith(name + "{") and not line.startswith(name + " "):
+            continue
+        head, _, value = line.rpartition(" ")
+        if all(f'{k}="{v}"' in head for k, v in labels.items()):
+            return float(value)
+    return 0.0
+
+
+def report(name: str, result: dict) -> None:
+    """Record measured numbers: appended as JSON lines to $RELIABILITY_REPORT (for docs/reliability.md)."""
+    path = os.environ.get("RELIABILITY_REPORT")
+    if path:
+        with open(path, "a") as f:
+            f.write(json.dumps({name: result}) + "\n")
+
+
+def histogram_quantile(text: str, name: str, q: float, **labels: str) -> float:
+    """Upper bound (`le`) of the bucket holding quantile `q` of a Prometheus histogram (summed over series)."""
+    buckets: dict[float, float] = {}
+    for line in text.splitlines():
+        if not line.startswith(name + "_bucket{"):
+            continue
+        head, _, value = line.rpartition(" ")
+        if not all(f'{k}="{v}"' in head for k, v in labels.items()):
+            continue
+        le = head.split('le="')[1].split('"')[0]
+        bound = float("inf") if le == "+Inf" else float(le)
+        buckets[bound] = buckets.get(bound, 0.0) + float(value)
+    total = buckets.get(float("inf"), 0.0)
+    if not total:
+        raise ValueError(f"histogram {name} has no observations")
+    return next(bound for bound in sorted(buckets) if buckets[bound] >= q * total)
+
+
+def add_version(model_dir: Path, version: int, source: Path, onnx: bytes | None = None) -> Path:
+    """Publish a version the safe way: build it in a hidden `.tmp-*` folder, then rename it into place."""
+    tmp = model_dir / f".tmp-{version}"
+    shutil.copytree(source, tmp)
+    if onnx is not None:
+        (tmp / "model.onnx").write_bytes(onnx)
+    return tmp.rename(model_dir / str(version))
+
+
+def shifted_model(path: Path) -> bytes:
+    """A well-formed model with the right shapes that answers (true class + 1) % 10: a parity failure."""
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(path))
+    for init in model.graph.initializer:
+        if init.dims and init.dims[-1] == 10:  # the output layer's weight [512, 10] and bias [10]
+            shifted = np.roll(numpy_helper.to_array(init), 1, axis=-1)
+            init.CopyFrom(numpy_helper.from_array(shifted, init.name))
+    return model.SerializeToString()

@@ -1,0 +1,145 @@
+"""Model hot-swap under load: new versions take over, bad ones are refused, removed ones drain and go."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import time
+from dataclasses import dataclass
+
+import grpc
+from rel_harness import CLIENT_OPTIONS, add_version, metric_value, report, shifted_model, start_server
+
+from serving.client import infer_request, probabilities
+from serving.protos import grpc_service_pb2 as pb
+from serving.protos import grpc_service_pb2_grpc as pb_grpc
+
+STREAMS = 6
+PINNED = 2  # streams asking for version 2 explicitly while it is removed
+GUARD_S = 60  # hang guard for each wait; the poller reacts within a fraction of a second
+
+
+@dataclass
+class Outcome:
+    sent: float
+    done: float
+    code: str
+    version: str = ""
+    correct: bool = False
+
+
+async def _stream(stub, reference, seed: int, version: str, outcomes: list[Outcome], stop: asyncio.Event) -> None:
+    i = seed
+    while not stop.is_set():
+        n = 1 + i % 32
+        lo = (i * 37) % (2048 - n)
+        i += STREAMS
+        sent = time.monotonic()
+        try:
+            reply = await stub.ModelInfer(infer_request(reference.images[lo : lo + n], "mnist", version), timeout=30)
+        except grpc.aio.AioRpcError as err:
+            outcomes.append(Outcome(sent, time.monotonic(), err.code().name))
+            await asyncio.sleep(0.01)
+            continue
+        ok = reference.check(lo, n, probabilities(reply))
+        outcomes.append(Outcome(sent, time.monotonic(), "OK", reply.model_version, ok))
+
+
+async def _until(condition, what: str, server) -> None:
+    """Wait (while the load runs) until condition() - a bool or an awaitable of one - holds."""
+    deadline = time.monotonic() + GUARD_S
+    while not await _value(condition()):
+        assert time.monotonic() < deadline, f"timed out waiting for {what}:\n{server.log()[-3000:]}"
+        assert server.proc.poll() is None, server.log()
+        await asyncio.sleep(0.05)
+
+
+def _after(outcomes: list[Outcome], moment: float) -> list[Outcome]:
+    return [o for o in outcomes if o.sent > moment]
+
+
+async def test_versions_come_and_go_under_load(repository, tmp_path, reference):
+    model_dir = repository / "mnist"
+    server = start_server(repository, tmp_path, "--model-poll-interval-s", "0.2")
+    plain: list[Outcome] = []
+    pinned: list[Outcome] = []
+    stop = asyncio.Event()
+    failures = lambda: metric_value(server.metrics(), "mnist_serving_model_load_failures_total", model="mnist")  # noqa: E731
+    try:
+        async with grpc.aio.insecure_channel(server.url, options=CLIENT_OPTIONS) as ch:
+            stub = pb_grpc.GRPCInferenceServiceStub(ch)
+            tasks = [asyncio.create_task(_stream(stub, reference, i, "", plain, stop)) for i in range(STREAMS)]
+
+            async def served(version: str, since: float, count: int = 20):
+                return sum(o.version == version for o in _after(plain, since)) >= count
+
+            start = time.monotonic()
+            await _until(lambda: served("1", start), "version 1 under load", server)
+
+            # 1. A new version, written atomically, takes over.
+            add_version(model_dir, 2, model_dir / "1")
+            await _until(lambda: served("2", 0, 1), "version 2 to serve", server)
+            v2_seen = max(o.done for o in plain if o.version == "2")
+            await _until(lambda: served("2", v2_seen), "more of version 2", server)
+            tasks += [asyncio.create_task(_stream(stub, reference, i, "2", pinned, stop)) for i in range(PINNED)]
+
+            # 2. A corrupt version and 3. one that fails the accuracy check are refused; 2 keeps serving.
+            add_version(model_dir, 3, model_dir / "1", onnx=b"this is not an onnx model")
+            await _until(lambda: asyncio.to_thread(lambda: failures() >= 1), "version 3 refused", server)
+            add_version(model_dir, 4, model_dir / "1", onnx=shifted_model(model_dir / "1" / "model.onnx"))
+            await _until(lambda: asyncio.to_thread(lambda: failures() >= 2), "version 4 refused", server)
+            refused_at = time.monotonic()
+            await _until(lambda: served("2", refused_at), "version 2 after the refusals", server)
+            index = await stub.RepositoryIndex(pb.RepositoryIndexRequest(), timeout=10)
+
+            # 4. Removing version 2 unloads it once its queued work is done; unversioned requests fall back to 1.
+            (model_dir / "2").rename(model_dir / ".trash-2")
+            shutil.rmtree(model_dir / ".trash-2")
+            removed_at = time.monotonic()
+            await _until(lambda: any(o.code == "NOT_FOUND" for o in pinned), "version 2 to be unloaded", server)
+            unloaded_seen = min(o.done for o in pinned if o.code == "NOT_FOUND")
+            await _until(lambda: served("1", unloaded_seen), "version 1 again", server)
+            stop.set()
+            await asyncio.wait_for(asyncio.gather(*tasks), GUARD_S)
+        load_failures = await asyncio.to_thread(failures)
+    finally:
+        stop.set()
+        code = server.stop()
+    log = server.log()
+
+    failed = [o for o in plain if not (o.code == "OK" and o.correct)]
+    states = {(m.version, m.state): m.reason for m in index.models}
+    first_not_found = next(i for i, o in enumerate(pinned) if o.code == "NOT_FOUND")
+    result = {
+        "unversioned_requests": len(plain),
+        "failed": len(failed),
+        "answered_by": {v: sum(o.version == v for o in plain) for v in ("1", "2")},
+        "pinned_to_2_answered": sum(o.code == "OK" for o in pinned),
+        "pinned_to_2_not_found_after_removal": sum(o.code == "NOT_FOUND" for o in pinned),
+        "refused_versions": sorted(v for v, s in states if s == "UNAVAILABLE"),
+        "load_failures_metric": load_failures,
+    }
+    report("hot_swap", result)
+
+    assert code == 0, log
+    assert failed == [], failed[:5]  # zero failed requests through every change
+    # Requests sent after version 2 was seen serving went to 2 (until it was removed) ...
+    assert {o.version for o in _after(plain, v2_seen) if o.done < removed_at} == {"2"}
+    # ... and requests sent after it was gone went back to 1.
+    assert {o.version for o in _after(plain, unloaded_seen)} == {"1"}
+    # Version 2's own requests: answered (correctly) until the unload, then NOT_FOUND, nothing else.
+    assert all(o.code == "OK" and o.correct for o in pinned[:first_not_found]), pinned[:first_not_found]
+    assert {o.code for o in _after(pinned, unloaded_seen)} == {"NOT_FOUND"}
+    assert {o.code for o in pinned} <= {"OK", "NOT_FOUND"}
+    # The refused versions: a log line each, the metric, and UNAVAILABLE with the reason in the index.
+    assert "model mnist version 3 rejected: cannot load" in log
+    assert "model mnist version 4 rejected: accuracy" in log and "below the recorded test_accuracy" in log
+    assert ("1", "READY") in states and ("2", "READY") in states
+    assert "cannot load" in states[("3", "UNAVAILABLE")]
+    assert "below the recorded test_accuracy" in states[("4", "UNAVAILABLE")]
+    assert "unloading model mnist version 2" in log
+    assert load_failures == 2
+
+
+async def _value(value):
+    return await value if asyncio.iscoroutine(value) or isinstance(value, asyncio.Future) else value
