@@ -54,12 +54,24 @@ evaluate: $(STAMP) ## stream the MNIST test set through a running server and pri
 tensorboard: $(STAMP) ## TensorBoard on the training logs
 	$(VENV)/bin/tensorboard --logdir logs --host 127.0.0.1
 
+soak: model ## soak: 3 min mixed load on a fresh server; RSS growth, errors, p99 drift (ARGS="--duration-s 600")
+	$(PY) scripts/soak.py --model-repository $(REPO) $(ARGS)
+
 protos: $(STAMP) ## regenerate serving/protos from protos/*.proto
 	bash scripts/gen_protos.sh
 
 prometheus-bin: ## install the Prometheus server and promtool (Debian package) if missing
 	@command -v prometheus >/dev/null && command -v promtool >/dev/null || \
 	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null; }
+
+bench: model ## load test: no-compute vs real server sweeps, in-process floor, goals (~2-3 min; ARGS=--quick ~30 s)
+	$(PY) -m bench --model-repository $(REPO) $(ARGS)
+
+gpu-check: $(STAMP) ## on a CUDA machine: CUDA really active, same answers as CPU, throughput; else says so, exits 0
+	$(PY) -m bench.gpu_check --model-repository $(REPO) $(ARGS)
+
+metrics-demo: model prometheus-bin ## server + a real Prometheus: labelled traffic, then PromQL latency/accuracy (<1 min)
+	$(PY) scripts/metrics_demo.py --model-repository $(REPO) $(ARGS)
 
 lint: $(STAMP) ## ruff
 	$(VENV)/bin/ruff check .

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 import numpy as np
@@ -37,14 +38,24 @@ def requested_providers(settings: Settings) -> list:
     return [(CUDA, {"device_id": settings.cuda_device_id}), CPU]
 
 
+def intra_op_threads(settings: Settings) -> int:
+    """Threads per session: as set, else with several workers the cores split between them, else 0 (ORT's own)."""
+    if settings.intra_op_threads or settings.workers == 1:
+        return settings.intra_op_threads
+    # Each worker would otherwise start one thread per core: workers x cores threads fighting for the cores
+    # (measured on 2 cores, workers=2: c32 2,715 -> 3,110 req/s, batch 256 97k -> 123k img/s with 1 thread each).
+    return max(1, len(os.sched_getaffinity(0)) // settings.workers)
+
+
 class OnnxModel:
     """One loaded model.onnx with its session; `run` is thread-safe (onnxruntime sessions are)."""
 
     def __init__(self, path: Path, settings: Settings) -> None:
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        if settings.intra_op_threads:
-            options.intra_op_num_threads = settings.intra_op_threads
+        threads = intra_op_threads(settings)
+        if threads:
+            options.intra_op_num_threads = threads
         # Spinning threads burn the cores that gRPC needs between small batches.
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         try:
