@@ -40,13 +40,12 @@ def cuda_devices() -> list[str]:
     return sorted(glob.glob("/dev/nvidia[0-9]*"))
 
 
-def _probabilities(model, x_uint8: np.ndarray, chunk: int = 4096) -> np.ndarray:
-    return np.concatenate(
-        [
-            model.run(x_uint8[i : i + chunk].astype(np.float32) / np.float32(255.0))
-            for i in range(0, len(x_uint8), chunk)
-        ]
-    )
+def _probabilities(model, x_uint8: np.ndarray, dtype: str = "FP32", chunk: int = 4096) -> np.ndarray:
+    """The model's answers for all images, sent as FP32 (scaled here) or as UINT8 (scaled inside the model)."""
+    chunks = [x_uint8[i : i + chunk] for i in range(0, len(x_uint8), chunk)]
+    if dtype == "FP32":
+        chunks = [c.astype(np.float32) / np.float32(255.0) for c in chunks]
+    return np.concatenate([model.run(c) for c in chunks])
 
 
 def check_inprocess(checks: Checks, model_path: Path, x: np.ndarray, y: np.ndarray, tol: float, duration: float):
@@ -62,6 +61,9 @@ def check_inprocess(checks: Checks, model_path: Path, x: np.ndarray, y: np.ndarr
     checks.add("argmax CUDA == CPU", mismatched == 0, f"{mismatched} of {len(x)} test images differ")
     diff = float(np.abs(p_gpu - p_cpu).max())
     checks.add("max |prob CUDA - prob CPU|", diff <= tol, f"{diff:.3g} (tolerance {tol:g})")
+    p_gpu_u8 = _probabilities(gpu, x, "UINT8")  # the in-graph Cast/Div on the GPU
+    diff_u8 = float(np.abs(p_gpu_u8 - p_cpu).max())
+    checks.add("UINT8 on CUDA == FP32 on CPU", diff_u8 <= tol, f"max |dprob| {diff_u8:.3g} (tolerance {tol:g})")
     acc_gpu, acc_cpu = float((p_gpu.argmax(1) == y).mean()), float((p_cpu.argmax(1) == y).mean())
     checks.add("accuracy CUDA == CPU", acc_gpu == acc_cpu, f"CUDA {acc_gpu:.4f}, CPU {acc_cpu:.4f}")
     table = [

@@ -144,8 +144,8 @@ class Batcher:
         while queue:
             item = queue[0]
             n = item.images.shape[0]
-            if batch and images + n > self._max_batch:
-                break
+            if batch and (images + n > self._max_batch or item.images.dtype != batch[0].images.dtype):
+                break  # full, or UINT8 after FP32 (or the reverse): one run takes one dtype; FIFO order kept
             queue.popleft()
             self._queued_images -= n
             if item.future.done():  # the caller went away: gRPC cancels the handler when its deadline passes

@@ -9,7 +9,6 @@ import numpy as np
 from serving.config import IMAGE_PIXELS, NUM_CLASSES
 from serving.errors import InvalidInput
 from serving.protos import grpc_service_pb2 as pb
-from training.data import to_model_input  # UINT8 pixels are scaled exactly as in training
 
 INPUT_NAME = "input"
 PROBABILITIES = "probabilities"
@@ -23,13 +22,13 @@ _DTYPES = {"FP32": np.dtype("<f4"), "UINT8": np.dtype("u1")}
 class DecodedRequest:
     """A validated inference request: model-ready images and what to send back."""
 
-    images: np.ndarray  # float32, shape (N, 784), values in [0, 1]
+    images: np.ndarray  # (N, 784): float32 in [0, 1], or uint8 pixels 0-255 (the model scales them)
     outputs: tuple[str, ...]
     labels: np.ndarray | None  # ground truth attached by the client, int64 (N,)
 
 
 def decode_infer_request(request: pb.ModelInferRequest, max_batch_size: int) -> DecodedRequest:
-    """Validate a ModelInferRequest and turn its one input into a float32 (N, 784) array."""
+    """Validate a ModelInferRequest and turn its one input into a float32 or uint8 (N, 784) array."""
     if len(request.inputs) != 1:
         raise InvalidInput(f"expected exactly 1 input tensor named '{INPUT_NAME}', got {len(request.inputs)}")
     tensor = request.inputs[0]
@@ -58,7 +57,7 @@ def decode_infer_request(request: pb.ModelInferRequest, max_batch_size: int) -> 
         values = _typed_contents(tensor, dtype, count)
 
     if dtype.kind == "u":
-        images = to_model_input(values.reshape(n, IMAGE_PIXELS))
+        images = values  # scaled by /255 inside the model (runtime.with_uint8_input), exactly as in training
     else:
         low, high = values.min(), values.max()
         if not (low >= 0.0 and high <= 1.0):  # also false for NaN; +-Inf fail the bounds

@@ -180,3 +180,28 @@ async def test_idle_small_requests_run_inline_and_busy_ones_queue():
     await asyncio.gather(*small)
     assert calls == [2, 32, 3]
     batcher.close()
+
+
+async def test_uint8_and_fp32_requests_never_share_a_run():
+    rec = Recorder()
+    gate = Gate()
+    dtypes: list[set] = []
+
+    def run(x):
+        dtypes.append({x.dtype})
+        return gate(x.astype(np.float64))
+
+    batcher = Batcher(run, rec, max_batch_size=64)
+    first = asyncio.create_task(batcher.infer(np.full((1, 4), 1.0, np.float32)))
+    await asyncio.to_thread(gate.started.wait, 5)
+    kinds = [np.float32, np.float32, np.uint8, np.uint8, np.float32]
+    rest = [asyncio.create_task(batcher.infer(np.full((i + 1, 4), i + 1, k))) for i, k in enumerate(kinds)]
+    await asyncio.sleep(0.01)
+    gate.release.set()
+    results = await asyncio.gather(first, *rest)
+    # FIFO order kept: fp32 x2 together, then the uint8 pair, then the last fp32 alone.
+    assert rec.batches == [(1, 1), (3, 2), (7, 2), (5, 1)]
+    assert [d.pop().name for d in dtypes] == ["float32", "float32", "uint8", "float32"]
+    for i, probs in enumerate(results[1:]):
+        np.testing.assert_array_equal(probs, np.full((i + 1, 10), 4.0 * (i + 1)))
+    batcher.close()

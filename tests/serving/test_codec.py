@@ -20,13 +20,11 @@ def request(n=2, datatype="UINT8", raw=None, **params) -> pb.ModelInferRequest:
     )
 
 
-def test_uint8_is_scaled_like_training():
-    from training.data import to_model_input
-
+def test_uint8_pixels_stay_uint8_for_the_model_to_scale():
     pixels = np.arange(784 * 2, dtype=np.uint32).astype(np.uint8).reshape(2, 784)
     decoded = codec.decode_infer_request(request(raw=pixels.tobytes()), 8)
-    assert decoded.images.dtype == np.float32 and decoded.images.shape == (2, 784)
-    np.testing.assert_array_equal(decoded.images, to_model_input(pixels))
+    assert decoded.images.dtype == np.uint8 and decoded.images.shape == (2, 784)
+    np.testing.assert_array_equal(decoded.images, pixels)  # 784 bytes per image on to the model, not 3,136
     assert decoded.outputs == codec.OUTPUT_NAMES and decoded.labels is None
 
 
