@@ -79,22 +79,22 @@ PREDICTIONS = Counter(f"{PREFIX}_predictions", "Predicted classes (drift signal,
 CONFIDENCE = Histogram(f"{PREFIX}_confidence", "Top-class probability of each answer.", MV, buckets=CONFIDENCE_BUCKETS)
 
 
-def forget_version(model: str, version: str) -> None:
-    """Drop the per-version series of an unloaded model version."""
+def forget_version(model: str, version: str, provider: str) -> None:
+    """Drop the per-version series of an unloaded model version (its gauges and its provider)."""
     gauges = (OFFLINE_ACCURACY, MODEL_LOAD, QUEUE_IMAGES, ONLINE_ACCURACY, CANARY_ACCURACY)
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         # remove() cannot delete a series from the shared files (it only warns): blank the values instead,
         # so an unloaded version stops reporting its last accuracy and its provider.
         for metric in gauges:
             metric.labels(model, version).set(0 if metric is QUEUE_IMAGES else math.nan)
-        for labels in [k for k in PROVIDER._metrics if k[:2] == (model, version)]:
-            PROVIDER.labels(*labels).set(0)
+        PROVIDER.labels(model, version, provider).set(0)
         return
     for metric in gauges:
         try:
             metric.remove(model, version)
         except KeyError:
             pass
+    PROVIDER.remove(model, version, provider)
 
 
 def start_metrics_server(port: int, host: str) -> None:

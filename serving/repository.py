@@ -16,7 +16,7 @@ from serving.batcher import Batcher
 from serving.config import Settings
 from serving.errors import ModelNotFound, ModelNotReady, StartupError
 from serving.feedback import AccuracyWindow, PredictionStore
-from serving.golden import accuracy, load_golden_set
+from serving.golden import TOLERANCE, accuracy, load_golden_set, short_of_recorded
 from serving.runtime import OnnxModel
 
 log = logging.getLogger(__name__)
@@ -160,13 +160,11 @@ class ModelVersion:
     async def unload(self) -> None:
         await self.batcher.drain()
         self.batcher.close()
-        metrics.forget_version(self.name, self.version)
-        metrics.PROVIDER.remove(self.name, self.version, self.provider)
+        metrics.forget_version(self.name, self.version, self.provider)
 
 
-# A version is refused if it scores this far below its recorded test accuracy on the first test images.
+# A version is refused if it scores more than golden.TOLERANCE below its recorded accuracy on these images.
 VERIFY_IMAGES = 1000
-VERIFY_TOLERANCE = 0.05
 
 
 def _verify_accuracy(model: OnnxModel, metadata: dict, data_dir: Path) -> None:
@@ -177,11 +175,11 @@ def _verify_accuracy(model: OnnxModel, metadata: dict, data_dir: Path) -> None:
     if golden is None:
         return
     score = accuracy(model.run(golden.images), golden.labels)
-    recorded = float(metadata["test_accuracy"])
-    if score < recorded - VERIFY_TOLERANCE:
+    recorded = short_of_recorded(score, metadata)
+    if recorded is not None:
         raise StartupError(
             f"accuracy {score:.3f} on the first {golden.labels.size} MNIST test images is more than "
-            f"{VERIFY_TOLERANCE} below the recorded test_accuracy {recorded:.3f}"
+            f"{TOLERANCE} below the recorded test_accuracy {recorded:.3f}"
         )
 
 
