@@ -148,13 +148,13 @@ class Batcher:
                 break  # full, or UINT8 after FP32 (or the reverse): one run takes one dtype; FIFO order kept
             queue.popleft()
             self._queued_images -= n
-            if item.future.done():  # the caller went away: gRPC cancels the handler when its deadline passes
-                if item.deadline is not None and now > item.deadline:
-                    self._observer.on_shed("deadline")
-                continue
             if item.deadline is not None and now > item.deadline:
                 self._observer.on_shed("deadline")
-                item.future.set_exception(DeadlineExceeded("deadline passed while the request was queued"))
+                # Usually the caller is gone already: gRPC cancels the handler when its deadline passes.
+                if not item.future.done():
+                    item.future.set_exception(DeadlineExceeded("deadline passed while the request was queued"))
+                continue
+            if item.future.done():  # the caller went away (cancelled)
                 continue
             batch.append(item)
             images += n

@@ -9,13 +9,10 @@ import numpy as np
 
 from serving import metrics
 from serving.config import Settings
-from serving.golden import GoldenSet, accuracy, load_golden_set
+from serving.golden import GoldenSet, accuracy, load_golden_set, short_of_recorded
 from serving.repository import ModelRepository, ModelVersion
 
 log = logging.getLogger(__name__)
-
-# A canary this far below the version's recorded test_accuracy is logged as a warning.
-WARN_BELOW = 0.05
 
 
 class Canary:
@@ -72,12 +69,12 @@ class Canary:
 
     def _report(self, mv: ModelVersion, score: float) -> None:
         key = (mv.name, mv.version)
-        recorded = mv.metadata.get("test_accuracy")
-        low = recorded is not None and score < float(recorded) - WARN_BELOW
+        recorded = short_of_recorded(score, mv.metadata)  # logged when more than golden.TOLERANCE below
+        low = recorded is not None
         if low and key not in self._low:
             log.warning(
                 "canary: %s/%s scores %.4f on the golden set, recorded test_accuracy %.4f: model or provider broken",
-                mv.name, mv.version, score, float(recorded),
+                mv.name, mv.version, score, recorded,
             )  # fmt: skip
         elif not low and key in self._low:
             log.info("canary: %s/%s recovered (%.4f)", mv.name, mv.version, score)

@@ -14,6 +14,9 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 
+# A golden-set score this far below a version's recorded test_accuracy means the model or its provider is broken.
+TOLERANCE = 0.05
+
 
 @dataclass(frozen=True)
 class GoldenSet:
@@ -47,3 +50,11 @@ def accuracy(probs: np.ndarray, labels: np.ndarray) -> float:
     """Fraction of rows whose argmax is the label; rows with NaN/Inf count as wrong."""
     correct = (probs.argmax(axis=1) == labels) & np.isfinite(probs).all(axis=1)
     return float(correct.mean())
+
+
+def short_of_recorded(score: float, metadata: dict) -> float | None:
+    """The version's recorded test_accuracy if `score` falls more than TOLERANCE below it; else None."""
+    recorded = metadata.get("test_accuracy")
+    if recorded is None or score >= float(recorded) - TOLERANCE:
+        return None
+    return float(recorded)
