@@ -20,12 +20,12 @@ from pathlib import Path
 
 import numpy as np
 
+from serving.config import IMAGE_PIXELS
+
 log = logging.getLogger(__name__)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 MODEL_NAME = "mnist"
-IMAGE_PIXELS = 784
-NUM_CLASSES = 10
 INFER_METHOD = "/inference.GRPCInferenceService/ModelInfer"
 
 
@@ -243,12 +243,16 @@ def load_test_set(data_dir: str | os.PathLike = REPO_ROOT / "data") -> tuple[np.
 
 
 def find_model(repository: str | os.PathLike, model: str = MODEL_NAME) -> Path:
-    """The newest <repository>/<model>/<version>/model.onnx (numeric versions)."""
-    base = Path(repository) / model
-    versions = sorted((int(p.name), p) for p in base.glob("*") if p.name.isdigit() and (p / "model.onnx").is_file())
+    """The newest <repository>/<model>/<version>/model.onnx: the version unversioned requests get."""
+    from serving.repository import scan  # the server's own notion of a version, imported only where needed
+
+    root = Path(repository)
+    versions = scan(root).get(model) if root.is_dir() else None
     if not versions:
-        raise FileNotFoundError(f"no {base}/<version>/model.onnx: run `make model` (or pass --model-repository)")
-    return versions[-1][1] / "model.onnx"
+        raise FileNotFoundError(
+            f"no {root / model}/<version>/model.onnx: run `make model` (or pass --model-repository)"
+        )
+    return versions[max(versions)] / "model.onnx"
 
 
 def machine_info() -> dict:

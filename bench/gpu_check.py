@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from bench.common import REPO_ROOT, ChildServer, find_model, free_port, install_sigterm_exit, python_cmd
+from training.data import to_model_input
 
 CUDA = "CUDAExecutionProvider"
 BATCHES = (1, 256, 4096)
@@ -44,7 +45,7 @@ def _probabilities(model, x_uint8: np.ndarray, dtype: str = "FP32", chunk: int =
     """The model's answers for all images, sent as FP32 (scaled here) or as UINT8 (scaled inside the model)."""
     chunks = [x_uint8[i : i + chunk] for i in range(0, len(x_uint8), chunk)]
     if dtype == "FP32":
-        chunks = [c.astype(np.float32) / np.float32(255.0) for c in chunks]
+        chunks = [to_model_input(c) for c in chunks]
     return np.concatenate([model.run(c) for c in chunks])
 
 

@@ -11,8 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from bench.common import find_model, load_test_set
-
-PIXEL_SCALE = np.float32(255.0)
+from training.data import to_model_input
 
 
 def load_model(model_path: Path, device: str = "cpu", intra_op_threads: int = 0):
@@ -43,7 +42,7 @@ def measure(
     if dtype == "UINT8":
         inputs = [images[i * batch : (i + 1) * batch] for i in range(n_batches)]
     else:
-        inputs = [images[i * batch : (i + 1) * batch].astype(np.float32) / PIXEL_SCALE for i in range(n_batches)]
+        inputs = [to_model_input(images[i * batch : (i + 1) * batch]) for i in range(n_batches)]
 
     def run(i: int) -> np.ndarray:
         return model.run(inputs[i % n_batches])

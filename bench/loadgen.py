@@ -16,7 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.common import INFER_METHOD, MODEL_NAME, NUM_CLASSES, NonLoopbackTarget, check_target, load_test_set
+from bench.common import INFER_METHOD, MODEL_NAME, NonLoopbackTarget, check_target, load_test_set
+from serving.config import NUM_CLASSES
 
 # Responses kept per client process for the accuracy check (decoded after the step, off the clock).
 ACCURACY_SAMPLE = 50_000

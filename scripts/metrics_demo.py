@@ -34,6 +34,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a script from anywhere
 
+from bench.common import find_model, free_port  # noqa: E402
 from serving.client import infer_request, probabilities  # noqa: E402
 from serving.protos import feedback_pb2, feedback_pb2_grpc  # noqa: E402
 from serving.protos import grpc_service_pb2_grpc as pb_grpc  # noqa: E402
@@ -52,12 +53,6 @@ def _port_free(port: int) -> bool:
         except OSError:
             return False
     return True
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _wait(what: str, check, timeout: float, proc: subprocess.Popen | None = None, log: Path | None = None):
@@ -82,7 +77,7 @@ class Prometheus:
     """A Prometheus server scraping one target every SCRAPE_S seconds; PromQL over its HTTP API."""
 
     def __init__(self, binary: str, workdir: Path, target: str) -> None:
-        self.port = _free_port()
+        self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.rules = _usable_rules()
         config = {
@@ -158,7 +153,7 @@ class Server:
 
     def __init__(self, args, workdir: Path) -> None:
         defaults = _port_free(8001) and _port_free(8002)
-        self.grpc_port, self.metrics_port = (8001, 8002) if defaults else (_free_port(), _free_port())
+        self.grpc_port, self.metrics_port = (8001, 8002) if defaults else (free_port(), free_port())
         self.url = f"127.0.0.1:{self.grpc_port}"
         self.log = workdir / "server.log"
         command = [
@@ -355,8 +350,11 @@ def main(argv: list[str] | None = None) -> int:
     from training.data import load_mnist
 
     data = load_mnist(args.data_dir)
-    versions = sorted((args.model_repository / MODEL).glob("*/metadata.json"), key=lambda p: int(p.parent.name))
-    test_accuracy = json.loads(versions[-1].read_text()).get("test_accuracy") if versions else None
+    try:  # the version the demo's unversioned requests reach
+        metadata = find_model(args.model_repository, MODEL).parent / "metadata.json"
+        test_accuracy = json.loads(metadata.read_text()).get("test_accuracy")
+    except FileNotFoundError:
+        test_accuracy = None
     sizes = [int(s) for s in args.batch_sizes.split(",")]
 
     with tempfile.TemporaryDirectory(prefix="metrics-demo-") as tmp:

@@ -14,7 +14,6 @@ import json
 import os
 import random
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -30,6 +29,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.common import find_model, free_port  # noqa: E402
 from serving.client import infer_request, probabilities  # noqa: E402
 from serving.protos import feedback_pb2, feedback_pb2_grpc  # noqa: E402
 from serving.protos import grpc_service_pb2 as pb  # noqa: E402
@@ -40,12 +40,6 @@ OPTIONS = [("grpc.max_send_message_length", 64 << 20), ("grpc.max_receive_messag
 # (kind, weight): what one client iteration sends.
 MIX = (("small", 55), ("medium", 20), ("large", 4), ("labelled", 8), ("feedback", 5), ("invalid", 4),
        ("unknown_model", 2), ("metadata", 2))  # fmt: skip
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _say(line: str) -> None:
@@ -177,7 +171,7 @@ def _percentiles(latencies: list[tuple[float, float]], lo: float, hi: float) -> 
 
 
 def start_server(repository: Path, log_path: Path, extra: list[str]) -> tuple[subprocess.Popen, str, int]:
-    grpc_port, metrics_port = _free_port(), _free_port()
+    grpc_port, metrics_port = free_port(), free_port()
     args = [sys.executable, "-m", "serving", "--model-repository", str(repository), "--grpc-port", str(grpc_port),
             "--metrics-port", str(metrics_port), *extra]  # fmt: skip
     with open(log_path, "w") as log:
@@ -204,8 +198,7 @@ def soak(args: argparse.Namespace) -> dict:
     images, labels = data.x_test.reshape(-1, 784), data.y_test
     import onnxruntime as ort
 
-    versions = sorted((args.model_repository / "mnist").glob("[0-9]*/model.onnx"), key=lambda p: int(p.parent.name))
-    session = ort.InferenceSession(str(versions[-1]), providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(str(find_model(args.model_repository)), providers=["CPUExecutionProvider"])
     expected = session.run(None, {session.get_inputs()[0].name: to_model_input(images)})[0]
 
     log_path = Path(args.log)
