@@ -1,40 +1,18 @@
-"""Shared helpers for the reliability tests: the real server (reused from tests/serving), a reference, metrics."""
+"""Shared helpers for the reliability tests: a reference onnxruntime, channels, metrics, results to report."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import shutil
-import sys
 from pathlib import Path
 
 import grpc
 import numpy as np
+from server_process import ServerProcess
 
 from serving.client import infer_request, probabilities
 from serving.protos import grpc_service_pb2_grpc as pb_grpc
-
-_HERE = Path(__file__).resolve().parent
-
-
-def _load_serving_conftest():
-    """tests/ is not a package: load the serving fixtures' helpers by path, once, under a unique name."""
-    name = "_reliability_serving_conftest"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, _HERE.parent / "serving" / "conftest.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
-_serving = _load_serving_conftest()
-start_server = _serving.start_server
-wait_serving = _serving.wait_serving
-free_port = _serving.free_port
-ServerProcess = _serving.ServerProcess
-ROOT = _serving.ROOT
 
 # Clients may send more than any server limit, so the server (not the client) decides what is too big.
 CLIENT_OPTIONS = [("grpc.max_send_message_length", 256 << 20), ("grpc.max_receive_message_length", 256 << 20)]

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import grpc
-from rel_harness import channel, infer_ok, metric_value, report, start_server
+from rel_harness import channel, infer_ok, metric_value, report
+from server_process import start_server
 
 from serving.client import infer_request, probabilities
 from serving.protos import grpc_service_pb2 as pb

@@ -10,7 +10,8 @@ from dataclasses import dataclass
 import grpc
 import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from rel_harness import CLIENT_OPTIONS, report, start_server
+from rel_harness import CLIENT_OPTIONS, report
+from server_process import start_server
 
 from serving.client import infer_request, probabilities
 from serving.protos import grpc_service_pb2_grpc as pb_grpc

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
-from rel_harness import channel, metric_value, report, start_server
+from rel_harness import channel, metric_value, report
+from server_process import start_server
 
 from serving import codec
 from serving.client import infer_request, probabilities

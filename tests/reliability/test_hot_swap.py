@@ -8,7 +8,8 @@ import time
 from dataclasses import dataclass
 
 import grpc
-from rel_harness import CLIENT_OPTIONS, add_version, metric_value, report, shifted_model, start_server
+from rel_harness import CLIENT_OPTIONS, add_version, metric_value, report, shifted_model
+from server_process import start_server
 
 from serving.client import infer_request, probabilities
 from serving.protos import grpc_service_pb2 as pb

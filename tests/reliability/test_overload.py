@@ -8,7 +8,8 @@ import time
 import grpc
 import numpy as np
 import psutil
-from rel_harness import CLIENT_OPTIONS, histogram_quantile, infer_ok, metric_value, report, start_server
+from rel_harness import CLIENT_OPTIONS, histogram_quantile, infer_ok, metric_value, report
+from server_process import start_server
 
 from serving.client import infer_request
 from serving.protos import grpc_service_pb2_grpc as pb_grpc

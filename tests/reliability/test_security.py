@@ -12,7 +12,8 @@ from pathlib import Path
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from rel_harness import CLIENT_OPTIONS, ROOT, channel, infer_ok, report, start_server
+from rel_harness import CLIENT_OPTIONS, channel, infer_ok, report
+from server_process import ROOT, start_server
 
 from serving.client import infer_request, probabilities
 from serving.protos import grpc_service_pb2 as pb

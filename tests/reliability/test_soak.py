@@ -6,7 +6,8 @@ import json
 import subprocess
 import sys
 
-from rel_harness import ROOT, report
+from rel_harness import report
+from server_process import ROOT
 
 DURATION_S = 12
 MAX_RSS_GROWTH_MB = 64

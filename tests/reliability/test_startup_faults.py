@@ -10,7 +10,8 @@ from pathlib import Path
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from rel_harness import add_version, channel, infer_ok, metric_value, report, start_server
+from rel_harness import add_version, channel, infer_ok, metric_value, report
+from server_process import start_server
 
 from serving.protos import grpc_service_pb2 as pb
 from serving.protos import grpc_service_pb2_grpc as pb_grpc

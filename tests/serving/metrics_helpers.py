@@ -1,10 +1,8 @@
-"""Helpers for the metrics tests: parsed /metrics snapshots, exact deltas, the server fixtures' helpers."""
+"""Helpers for the metrics tests: parsed /metrics snapshots, exact deltas, stubs and golden-set accuracy."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 import time
 from pathlib import Path
 
@@ -14,23 +12,6 @@ from prometheus_client.parser import text_string_to_metric_families
 from serving.protos import feedback_pb2, feedback_pb2_grpc
 from serving.protos import grpc_service_pb2_grpc as pb_grpc
 
-_HERE = Path(__file__).resolve().parent
-
-
-def _serving_conftest():
-    """tests/ is not a package: load tests/serving/conftest.py by path, once, under a unique name."""
-    name = "_metrics_serving_conftest"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, _HERE / "conftest.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
-start_server = _serving_conftest().start_server
-ServerProcess = _serving_conftest().ServerProcess
-ROOT = _serving_conftest().ROOT
 GOLDEN = 1000  # canary images in these tests
 
 

@@ -9,7 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from metrics_helpers import GOLDEN, in_process_accuracy, metadata, scrape, start_server, stubs, wait_for_metric
+from metrics_helpers import GOLDEN, in_process_accuracy, metadata, scrape, stubs, wait_for_metric
+from server_process import start_server
 
 from serving.client import infer_request, probabilities
 from serving.golden import accuracy, load_golden_set

@@ -8,7 +8,8 @@ import uuid
 import grpc
 import numpy as np
 import pytest
-from metrics_helpers import delta, feedback_request, scrape, start_server, stubs
+from metrics_helpers import delta, feedback_request, scrape, stubs
+from server_process import start_server
 
 from serving.client import infer_request, probabilities
 from serving.feedback import AccuracyWindow, PredictionStore

@@ -10,9 +10,10 @@ import time
 import grpc
 import numpy as np
 import pytest
-from metrics_helpers import ROOT, delta, metadata, scrape, start_server, stubs
+from metrics_helpers import delta, metadata, scrape, stubs
 from prometheus_client import Counter
 from prometheus_client.metrics import MetricWrapperBase
+from server_process import ROOT, start_server
 
 from serving import metrics
 from serving.client import infer_request, probabilities

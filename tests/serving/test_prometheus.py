@@ -9,7 +9,8 @@ import subprocess
 import sys
 
 import pytest
-from metrics_helpers import GOLDEN, ROOT, in_process_accuracy, metadata
+from metrics_helpers import GOLDEN, in_process_accuracy, metadata
+from server_process import ROOT
 
 pytestmark = pytest.mark.skipif(
     shutil.which("prometheus") is None, reason="no prometheus binary (make prometheus-bin: Debian package prometheus)"
