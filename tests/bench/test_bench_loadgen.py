@@ -8,6 +8,7 @@ import pytest
 from bench.common import NonLoopbackTarget, check_target, find_model, launch
 from bench.loadgen import LoadGenerator, Step, build_requests, correct_answers, main
 from bench.nocompute_server import CONSTANT_CLASS
+from training.data import to_model_input
 
 
 def _sane(result: dict) -> None:
@@ -147,7 +148,7 @@ def test_accuracy_against_the_real_server(trained_repository, test_set, tmp_path
     with server, LoadGenerator(server.target, x, y) as gen:
         one = gen.run(Step(concurrency=2, dtype="UINT8", duration=60, warmup=0, max_requests=300))
         many = gen.run(Step(concurrency=2, batch=50, dtype="FP32", duration=60, warmup=0, max_requests=20))
-    expected = model.run(x[:1000].astype(np.float32) / np.float32(255.0)).argmax(1) == y[:1000]
+    expected = model.run(to_model_input(x[:1000])).argmax(1) == y[:1000]
     assert one["errors"] == {} and one["answered_images"] == 300
     assert one["accuracy"] == pytest.approx(expected[:300].mean(), abs=1e-5)
     assert many["errors"] == {} and many["answered_images"] == 1000
