@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -71,8 +72,49 @@ def _say(line: str) -> None:
     sys.stdout.write(line + "\n")
 
 
-def _channel(args) -> grpc.Channel:
-    options = [("grpc.max_receive_message_length", 64 << 20), ("grpc.max_send_message_length", 64 << 20)]
+# What a client of a replicated deployment needs (deploy/README.md, "Load balancing"):
+# - round_robin over every address the target resolves to (a headless Service's pod IPs), so calls spread over
+#   replicas and a new replica gets traffic as soon as DNS lists it;
+# - client-side health checking: a replica that reports NOT_SERVING (draining, loading) gets no new calls;
+# - a retry policy on UNAVAILABLE (what a replica says in its last moments, with a retry pushback), so a rollout
+#   or scale-down never shows as an error. Inference is idempotent, so retrying it is safe.
+RETRY_POLICY = {
+    "maxAttempts": 5,
+    "initialBackoff": "0.05s",
+    "maxBackoff": "1s",
+    "backoffMultiplier": 2,
+    "retryableStatusCodes": ["UNAVAILABLE"],
+}
+RETRIED_SERVICES = ("inference.GRPCInferenceService", "mnist.feedback.v1.FeedbackService", "grpc.health.v1.Health")
+MAX_MESSAGE_BYTES = 64 << 20
+
+
+def service_config(load_balancing: str = "round_robin") -> dict:
+    """The gRPC service config this project recommends: `round_robin` with health checking, or `pick_first`."""
+    config: dict = {
+        "loadBalancingConfig": [{load_balancing: {}}],
+        "methodConfig": [{"name": [{"service": s} for s in RETRIED_SERVICES], "retryPolicy": RETRY_POLICY}],
+    }
+    if load_balancing == "round_robin":
+        config["healthCheckConfig"] = {"serviceName": ""}  # "" = ready to infer (serving/server.py)
+    return config
+
+
+def channel_options(load_balancing: str = "round_robin", max_message_bytes: int = MAX_MESSAGE_BYTES) -> list:
+    """Channel options: the service config above, retries on, message limits and a retry buffer that holds a
+    whole request (a request larger than the buffer is never retried)."""
+    return [
+        ("grpc.service_config", json.dumps(service_config(load_balancing))),
+        ("grpc.enable_retries", 1),
+        ("grpc.per_rpc_retry_buffer_size", max_message_bytes),
+        ("grpc.retry_buffer_size", 4 * max_message_bytes),
+        ("grpc.max_receive_message_length", max_message_bytes),
+        ("grpc.max_send_message_length", max_message_bytes),
+    ]
+
+
+def _channel(args, load_balancing: str | None = None) -> grpc.Channel:
+    options = channel_options(load_balancing or args.lb)
     if args.tls_ca:
         creds = grpc.ssl_channel_credentials(Path(args.tls_ca).read_bytes())
         return grpc.secure_channel(args.url, creds, options=options)
@@ -115,7 +157,8 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_health(args) -> int:
-    stub = health_pb2_grpc.HealthStub(_channel(args))
+    # pick_first: a health-checking round_robin channel would not send the check to a NOT_SERVING server.
+    stub = health_pb2_grpc.HealthStub(_channel(args, "pick_first"))
     status = stub.Check(health_pb2.HealthCheckRequest(service=args.service), timeout=args.timeout).status
     name = health_pb2.HealthCheckResponse.ServingStatus.Name(status)
     _say(f"{args.service or '(server)'}: {name}")
@@ -124,7 +167,17 @@ def cmd_health(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m serving.client", description=__doc__)
-    parser.add_argument("--url", default="127.0.0.1:8001", help="server address host:port")
+    parser.add_argument(
+        "--url",
+        default="127.0.0.1:8001",
+        help="server address host:port, or a gRPC target such as dns:///mnist-serving-headless.mnist:8001",
+    )
+    parser.add_argument(
+        "--lb",
+        choices=("round_robin", "pick_first"),
+        default="round_robin",
+        help="load balancing over the addresses the target resolves to (round_robin checks health)",
+    )
     parser.add_argument("--model", default="mnist")
     parser.add_argument("--model-version", default="", help="default: the newest")
     parser.add_argument("--timeout", type=float, default=30.0, help="per-call deadline in seconds")

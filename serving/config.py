@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 IMAGE_PIXELS = 784
@@ -43,9 +43,30 @@ class Settings(BaseSettings):
         0, ge=0, description="onnxruntime intra-op threads per worker (0: cores / workers; one worker: ORT's default)."
     )
     workers: int = Field(1, ge=1, description="Server processes sharing the gRPC port (SO_REUSEPORT).")
-    grace_period_s: float = Field(10.0, ge=0, description="Drain time on SIGTERM before in-flight work is cut.")
+    drain_delay_s: float = Field(
+        5.0,
+        ge=0,
+        description="On SIGTERM keep answering this long while health says NOT_SERVING, so load balancers and "
+        "clients move away before the port closes (SIGINT skips it; a second signal cuts it short).",
+    )
+    grace_period_s: float = Field(
+        10.0, ge=0, description="After the drain delay: time accepted calls get to finish before they are cut."
+    )
+    max_connection_age_s: float = Field(
+        0.0,
+        ge=0,
+        description="Close each client connection (GOAWAY) after about this long so long-lived clients reconnect "
+        "and spread over new replicas (0: never).",
+    )
+    max_connection_age_grace_s: float = Field(
+        10.0, ge=0, description="Time calls in flight on an aged connection get to finish before it is closed."
+    )
     max_message_bytes: int = Field(
         0, ge=0, description="gRPC message limit; 0 sizes it for a max_batch_size FP32 request."
+    )
+    version_policy: str = Field(
+        "latest:2",
+        description="Versions to serve per model: 'latest:N' (the newest N that load), 'all', or 'specific:1,3'.",
     )
     model_poll_interval_s: float = Field(
         0.0, ge=0, description="Rescan the repository for new/removed versions this often (0: never)."
@@ -66,6 +87,12 @@ class Settings(BaseSettings):
     tls_key: Path | None = Field(None, description="PEM private key for tls_cert.")
     log_level: str = Field("INFO", description="Python logging level.")
 
+    @field_validator("version_policy")
+    @classmethod
+    def _check_policy(cls, value: str) -> str:
+        parse_version_policy(value)
+        return value
+
     @model_validator(mode="after")
     def _derive(self) -> Settings:
         if self.max_message_bytes == 0:
@@ -73,6 +100,22 @@ class Settings(BaseSettings):
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ValueError("tls_cert and tls_key must be given together")
         return self
+
+
+def parse_version_policy(text: str) -> tuple[str, tuple[int, ...]]:
+    """'latest:N' -> ('latest', (N,)), 'all' -> ('all', ()), 'specific:1,3' -> ('specific', (1, 3))."""
+    kind, _, numbers = text.strip().partition(":")
+    try:
+        values = tuple(int(v) for v in numbers.split(",")) if numbers else ()
+    except ValueError:
+        values = None
+    if kind == "all" and not numbers:
+        return kind, ()
+    if kind == "latest" and values and len(values) == 1 and values[0] >= 1:
+        return kind, values
+    if kind == "specific" and values and min(values) >= 0:
+        return kind, values
+    raise ValueError(f"'{text}' is not a version policy: use 'latest:N' (N >= 1), 'all' or 'specific:V[,V...]'")
 
 
 def parse_args(argv: list[str] | None = None) -> Settings:

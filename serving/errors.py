@@ -16,6 +16,8 @@ class ServingError(Exception):
     """Base class: an error the client should see, with the status code it should see."""
 
     code = grpc.StatusCode.INTERNAL
+    # Trailing metadata sent with the status (e.g. a retry pushback for clients with a retry policy).
+    trailers: tuple[tuple[str, str], ...] = ()
 
 
 class InvalidInput(ServingError):
@@ -31,7 +33,13 @@ class ModelNotReady(ServingError):
 
 
 class ServerDraining(ServingError):
+    """The last moments of a drain: refuse, and ask retrying clients to wait until the connection is gone."""
+
     code = grpc.StatusCode.UNAVAILABLE
+    # gRPC's server pushback (gRFC A6): a client's retry policy waits this long before its retry, by which
+    # time this server has sent GOAWAY and the retry goes to a new connection (another replica).
+    RETRY_PUSHBACK_MS = 500
+    trailers = (("grpc-retry-pushback-ms", str(RETRY_PUSHBACK_MS)),)
 
 
 class Overloaded(ServingError):
@@ -67,7 +75,7 @@ def grpc_errors(handler: Callable[..., Awaitable[R]]) -> Callable[..., Awaitable
         try:
             return await handler(self, request, context)
         except ServingError as exc:
-            await context.abort(exc.code, str(exc))
+            await context.abort(exc.code, str(exc), trailing_metadata=exc.trailers)
         except grpc.aio.AbortError:
             raise
         except Exception:

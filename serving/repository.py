@@ -13,7 +13,7 @@ import numpy as np
 
 from serving import metrics
 from serving.batcher import Batcher
-from serving.config import Settings
+from serving.config import Settings, parse_version_policy
 from serving.errors import ModelNotFound, ModelNotReady, StartupError
 from serving.feedback import AccuracyWindow, PredictionStore
 from serving.golden import TOLERANCE, accuracy, load_golden_set, short_of_recorded
@@ -260,28 +260,42 @@ class ModelRepository:
             await self._sync(scan(self.root))
 
     async def _sync(self, found: dict[str, dict[int, Path]]) -> None:
+        kind, numbers = parse_version_policy(self.settings.version_policy)
         async with self._lock:
+            wanted: dict[str, set[int]] = {}
             for name, versions in found.items():
-                for version, directory in sorted(versions.items()):
+                candidates = sorted(versions, reverse=True)  # newest first: 'latest:N' keeps the newest that load
+                if kind == "specific":
+                    candidates = [v for v in candidates if v in numbers]
+                limit = numbers[0] if kind == "latest" else len(candidates)
+                keep = wanted.setdefault(name, set())
+                for version in candidates:
+                    if len(keep) >= limit:
+                        break
                     loaded = self.models.get(name, {})
-                    if version in loaded or (name, version) in self.failed:
+                    if version in loaded:
+                        keep.add(version)
+                        continue
+                    if (name, version) in self.failed:
                         continue
                     try:
-                        mv = await asyncio.to_thread(ModelVersion, name, version, directory, self.settings)
+                        mv = await asyncio.to_thread(ModelVersion, name, version, versions[version], self.settings)
                     except Exception as exc:  # one bad version must not take the good ones down
                         self.failed[(name, version)] = str(exc)
                         metrics.MODEL_LOAD_FAILURES.labels(name).inc()
                         log.error("model %s version %d rejected: %s", name, version, exc)
                         continue
                     self.models.setdefault(name, {})[version] = mv
+                    keep.add(version)
                     log.info(
                         "loaded model %s version %d on %s in %.2fs (offline accuracy %s)",
                         name, version, mv.provider, mv.load_seconds, mv.metadata.get("test_accuracy", "n/a"),
                     )  # fmt: skip
             for name, loaded in list(self.models.items()):
-                for version in [v for v in loaded if v not in found.get(name, {})]:
+                for version in [v for v in loaded if v not in wanted.get(name, set())]:
                     mv = loaded.pop(version)
-                    log.info("unloading model %s version %d (removed from the repository)", name, version)
+                    why = "removed from the repository" if version not in found.get(name, {}) else "version policy"
+                    log.info("unloading model %s version %d (%s: %s)", name, version, why, kind)
                     await mv.unload()
                 if not loaded:
                     del self.models[name]

@@ -32,8 +32,11 @@ FEEDBACK_SERVICE = feedback_pb2.DESCRIPTOR.services_by_name["FeedbackService"].f
 LIVENESS = "liveness"
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
-# A drain closes the port once no ModelInfer call has arrived for this long (or the grace is spent).
-DRAIN_QUIET_S = 0.1
+# The drain's last phase refuses calls (with a retry pushback) until none has arrived for this long, then
+# sends GOAWAY: clients are then waiting out the pushback, so no call is caught half-way in gRPC's queue.
+REFUSE_QUIET_S = 0.1
+# ... but never longer than this (a client without a retry policy would keep calling).
+REFUSE_MAX_S = 2.0
 
 
 class InferenceServer:
@@ -48,6 +51,7 @@ class InferenceServer:
         self._server: grpc.aio.Server | None = None
         self._poller: asyncio.Task | None = None
         self._canary: asyncio.Task | None = None
+        self.hurry = asyncio.Event()  # set by a second signal: skip what is left of the drain delay
 
     async def start(self) -> int:
         """Bind and start answering (health NOT_SERVING), then load and warm up models, then SERVING."""
@@ -57,6 +61,13 @@ class InferenceServer:
             ("grpc.max_send_message_length", s.max_message_bytes),
             ("grpc.so_reuseport", 1 if s.workers > 1 else 0),
         ]
+        if s.max_connection_age_s:
+            # GOAWAY after the age (gRPC adds +-10 % jitter): the client reconnects, through its balancer, and so
+            # reaches replicas added since. In-flight calls get the grace; new calls go to the new connection.
+            options += [
+                ("grpc.max_connection_age_ms", int(s.max_connection_age_s * 1000)),
+                ("grpc.max_connection_age_grace_ms", int(s.max_connection_age_grace_s * 1000)),
+            ]
         server = grpc.aio.server(options=options)
         pb_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(self.repository, s, self.state), server)
         feedback_pb2_grpc.add_FeedbackServiceServicer_to_server(FeedbackServicer(self.repository), server)
@@ -120,29 +131,46 @@ class InferenceServer:
             except Exception:
                 log.exception("repository rescan failed; serving what is loaded")
 
-    async def stop(self, grace: float | None = None) -> None:
-        """Drain: NOT_SERVING at once, refuse new work, let accepted requests finish within the grace."""
-        grace = self.settings.grace_period_s if grace is None else grace
+    async def stop(self, grace: float | None = None, delay: float | None = None) -> None:
+        """Drain so that clients see no error: NOT_SERVING but still answering for `delay` (balancers and
+        health-checking clients move away), then refuse stragglers with a retry pushback until calls stop,
+        then GOAWAY (clients reconnect elsewhere) and let accepted calls finish within `grace`."""
+        s = self.settings
+        grace = s.grace_period_s if grace is None else grace
+        delay = s.drain_delay_s if delay is None else delay
         self.state.draining = True
+        answered_before = self._answered()
         await self._set_health(NOT_SERVING)
         for name in list(self.repository.models):
             await self.health.set(name, NOT_SERVING)
-        if self._poller is not None:
-            self._poller.cancel()
-        if self._canary is not None:
-            self._canary.cancel()
-        # NOTE: grpc's stop() cancels the calls it has accepted but not yet handed to a handler (the client
-        # sees CANCELLED, not the retryable UNAVAILABLE). So keep the port open, refusing new calls with
-        # UNAVAILABLE, until our handlers are done and calls stop arriving; then close it.
-        deadline = time.monotonic() + grace
-        while time.monotonic() < deadline and (
-            self.state.in_flight or time.monotonic() - self.state.last_call < DRAIN_QUIET_S
-        ):
-            await asyncio.sleep(0.01)
+        for task in (self._poller, self._canary):
+            if task is not None:
+                task.cancel()
+        if delay and not self.hurry.is_set():
+            log.info("draining: NOT_SERVING, still answering for %.1fs", delay)
+            try:
+                await asyncio.wait_for(self.hurry.wait(), delay)
+            except TimeoutError:
+                pass
         if self._server is not None:
-            await self._server.stop(max(0.0, deadline - time.monotonic()))
+            # NOTE: grpc's stop() cancels calls it has received but not yet handed to a handler (CANCELLED, which
+            # clients do not retry). So first refuse with UNAVAILABLE plus a retry pushback: clients with a retry
+            # policy pause, the stream of calls dries up, and only then does GOAWAY go out.
+            self.state.refusing = True
+            started = time.monotonic()
+            while (
+                time.monotonic() - self.state.last_call < REFUSE_QUIET_S
+                and time.monotonic() - started < min(REFUSE_MAX_S, grace)
+                and not self.hurry.is_set()
+            ):
+                await asyncio.sleep(0.01)
+            await self._server.stop(0 if self.hurry.is_set() else grace)
+            log.info("drained: answered_during_drain=%d", self._answered() - answered_before)
         for mv in self.repository.versions():
             mv.batcher.close()
+
+    def _answered(self) -> int:
+        return sum(mv.stats.success.count for mv in self.repository.versions())
 
     async def wait(self) -> None:
         if self._server is not None:
@@ -150,20 +178,33 @@ class InferenceServer:
 
 
 async def serve(settings: Settings) -> None:
-    """Run one server process until SIGTERM/SIGINT, then drain and return."""
+    """Run one server process until SIGTERM/SIGINT, then drain and return. SIGTERM (an orchestrator) drains
+    with the drain delay; SIGINT (Ctrl-C) without it; a second signal cuts the delay short."""
     server = InferenceServer(settings)
+    received: list[signal.Signals] = []
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
+
+    def on_signal(sig: signal.Signals) -> None:
+        received.append(sig)
+        if stop.is_set():
+            server.hurry.set()
+        stop.set()
+
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, on_signal, sig)
     try:
         await server.start()
     except BaseException:
-        await server.stop(0)
+        await server.stop(0, 0)
         raise
     await stop.wait()
-    log.info("signal received: draining for up to %.1fs", settings.grace_period_s)
-    await server.stop()
+    delay = settings.drain_delay_s if received[0] == signal.SIGTERM else 0.0
+    log.info(
+        "signal received (%s): draining (answering for %.1fs, then up to %.1fs for accepted calls)",
+        received[0].name, delay, settings.grace_period_s,
+    )  # fmt: skip
+    await server.stop(delay=delay)
     log.info("stopped")
 
 

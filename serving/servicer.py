@@ -29,8 +29,8 @@ class ServerState:
     """What the RPCs need to know about the process: readiness and drain."""
 
     def __init__(self) -> None:
-        self.draining = False
-        self.in_flight = 0  # ModelInfer calls inside a handler: the drain waits for 0
+        self.draining = False  # SIGTERM received: not ready (health NOT_SERVING), still answering
+        self.refusing = False  # the drain's last moments: new calls get UNAVAILABLE with a retry pushback
         self.last_call = 0.0  # time.monotonic() of the latest ModelInfer, refused ones included
 
 
@@ -104,12 +104,11 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def ModelInfer(self, request, context):
         start = time.perf_counter()
         IN_FLIGHT.inc()
-        self.state.in_flight += 1
         self.state.last_call = time.monotonic()
         mv: ModelVersion | None = None
         code, images = "OK", 0
         try:
-            if self.state.draining:
+            if self.state.refusing:
                 raise ServerDraining("server is shutting down; retry on another replica")
             mv = self.repository.get(request.model_name, request.model_version)
             decoded = codec.decode_infer_request(request, self.settings.max_batch_size)
@@ -127,7 +126,6 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             raise
         finally:
             IN_FLIGHT.dec()
-            self.state.in_flight -= 1
             if mv is not None:
                 mv.record_request(code, time.perf_counter() - start, images)
 

@@ -53,11 +53,12 @@ def run_workers(settings: Settings) -> int:
     stopping = False
 
     def forward(signum, _frame):
+        # The same signal: SIGTERM drains with the drain delay, SIGINT (Ctrl-C) without it.
         nonlocal stopping
         stopping = True
         for child in children:
             if child.is_alive():
-                os.kill(child.pid, signal.SIGTERM)
+                os.kill(child.pid, signum)
 
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)

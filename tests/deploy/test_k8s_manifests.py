@@ -150,12 +150,25 @@ def test_probes_and_ports_match_the_server(rendered, name, effective_settings):
 
 
 @pytest.mark.parametrize("name", SERVING)
-def test_termination_grace_covers_prestop_and_drain(rendered, name, effective_settings):
+def test_termination_grace_covers_the_whole_drain(rendered, name, effective_settings):
+    from serving.server import REFUSE_MAX_S
+
     objects = rendered[name]
     settings = effective_settings(objects)
-    pre_stop = server(objects)["lifecycle"]["preStop"]["sleep"]["seconds"]
+    # The server drains by itself on SIGTERM (no preStop hook, which would only add to the time).
+    assert "lifecycle" not in server(objects)
+    drain = settings.drain_delay_s + REFUSE_MAX_S + settings.grace_period_s
     grace = pod_spec(objects)["terminationGracePeriodSeconds"]
-    assert grace > pre_stop + settings.grace_period_s, (grace, pre_stop, settings.grace_period_s)
+    assert grace > drain, (grace, drain)
+    assert settings.drain_delay_s >= 5, "kube-proxy and client health checks need seconds to notice"
+
+
+@pytest.mark.parametrize("name", SERVING)
+def test_connections_age_so_new_pods_get_traffic(rendered, name, effective_settings):
+    settings = effective_settings(objects := rendered[name])
+    assert 0 < settings.max_connection_age_s <= 60, "without an age limit a scale-out never reaches old clients"
+    assert settings.max_connection_age_grace_s >= 1
+    assert settings.version_policy.startswith("latest:"), objects[0]["kind"]
 
 
 @pytest.mark.parametrize("name", SERVING)

@@ -68,7 +68,9 @@ async def _watch_health(url: str, statuses: list[str], connected: asyncio.Event)
 async def test_sigterm_under_load_answers_every_accepted_request(trained_repository, tmp_path, reference):
     # A short batching delay keeps requests waiting in the batcher queue when the signal lands.
     server = start_server(
-        trained_repository, tmp_path, "--grace-period-s", str(GRACE_S), "--max-queue-delay-us", "3000"
+        trained_repository,
+        tmp_path,
+        *("--grace-period-s", str(GRACE_S), "--max-queue-delay-us", "3000", "--drain-delay-s", "0.5"),
     )
     outcomes: list[Outcome] = []
     stop = asyncio.Event()
@@ -127,5 +129,8 @@ async def test_sigterm_under_load_answers_every_accepted_request(trained_reposit
     assert code == 0, server.log()
     assert exited < GRACE_S  # generous: the drain takes milliseconds, the grace is 20 s
     log = server.log()
-    assert "signal received: draining" in log and log.rstrip().endswith("stopped"), log[-2000:]
+    assert "signal received (SIGTERM): draining" in log and log.rstrip().endswith("stopped"), log[-2000:]
+    # The drain delay: health NOT_SERVING while calls are still answered (clients without a retry policy, as
+    # here, see UNAVAILABLE only in the drain's last moments, then the port closes).
+    assert int(log.split("answered_during_drain=")[1].split()[0]) > 0, log[-2000:]
     assert "Traceback" not in log
