@@ -17,6 +17,11 @@ from prometheus_client import (
 
 log = logging.getLogger(__name__)
 
+if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+    # The metrics below write their values into this directory as soon as they are defined: a fresh emptyDir
+    # (Kubernetes) or tmpfs does not have it yet.
+    os.makedirs(os.environ["PROMETHEUS_MULTIPROC_DIR"], exist_ok=True)
+
 PREFIX = "mnist_serving"
 # From ~20 us (a batch-1 run of the MLP) to seconds (a deep queue or a cold GPU).
 LATENCY_BUCKETS = (

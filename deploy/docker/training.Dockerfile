@@ -12,10 +12,12 @@ ENV PIP_NO_CACHE_DIR=1 \
 RUN python -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
 WORKDIR /src
-COPY pyproject.toml README.md ./
+COPY pyproject.toml ./
 COPY deploy/docker/requirements.py deploy/docker/requirements.py
 RUN python deploy/docker/requirements.py --extra train > requirements.txt \
     && pip install --requirement requirements.txt
+# README.md (the package description) after the dependency layer: editing it reinstalls nothing.
+COPY README.md ./
 COPY training/ training/
 RUN pip install --no-deps . \
     && pip check \
