@@ -44,10 +44,10 @@ class Settings(BaseSettings):
     )
     workers: int = Field(1, ge=1, description="Server processes sharing the gRPC port (SO_REUSEPORT).")
     drain_delay_s: float = Field(
-        5.0,
+        0.0,
         ge=0,
         description="On SIGTERM keep answering this long while health says NOT_SERVING, so load balancers and "
-        "clients move away before the port closes (SIGINT skips it; a second signal cuts it short).",
+        "clients move away before the port closes (the manifests use 5; SIGINT skips it; a second signal cuts it).",
     )
     grace_period_s: float = Field(
         10.0, ge=0, description="After the drain delay: time accepted calls get to finish before they are cut."

@@ -228,13 +228,20 @@ def test_gpu_overlay_requires_a_gpu(rendered, effective_settings):
     assert container["image"].endswith("-gpu")
     spec = pod_spec(objects)
     assert spec["nodeSelector"] and any(t["key"] == "nvidia.com/gpu" for t in spec["tolerations"])
-    assert deployment(objects)["spec"]["strategy"]["rollingUpdate"]["maxSurge"] == 0
+    strategy = deployment(objects)["spec"]["strategy"]["rollingUpdate"]
+    # No surge (no spare GPU needed), so a rollout or node drain is an outage unless another replica serves.
+    assert strategy["maxSurge"] == 0 and strategy["maxUnavailable"] == 1
+    assert find_object(objects, "HorizontalPodAutoscaler")["spec"]["minReplicas"] >= 2
+    # onnxruntime-gpu links CUDA 13: only nodes whose driver is >= 580.
+    (term,) = spec["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"]
+    (driver,) = [e for e in term["matchExpressions"] if e["key"] == "nvidia.com/cuda.driver-version.major"]
+    assert driver["operator"] == "Gt" and int(driver["values"][0]) == 579
 
 
-def test_cpu_overlay_runs_on_cpu_with_workers(rendered, effective_settings):
+def test_cpu_overlay_runs_one_process_per_pod_on_cpu(rendered, effective_settings):
     objects = rendered["cpu"]
     settings = effective_settings(objects)
-    assert settings.device == "cpu" and settings.require_gpu is False and settings.workers == 2
+    assert settings.device == "cpu" and settings.require_gpu is False and settings.workers == 1
     container = server(objects)
     assert "nvidia.com/gpu" not in container["resources"]["limits"]
     assert container["image"].endswith("-cpu")
@@ -291,6 +298,9 @@ def test_pdb_and_hpa_target_the_deployment(rendered, name):
     assert 1 <= hpa["spec"]["minReplicas"] < hpa["spec"]["maxReplicas"]
     kinds = {m["type"] for m in hpa["spec"]["metrics"]}
     assert kinds == {"Resource", "Pods"}
+    (pods,) = [m["pods"] for m in hpa["spec"]["metrics"] if m["type"] == "Pods"]
+    # Queue time, not requests in flight (which a 15 s sample of millisecond calls reads as ~0).
+    assert pods["metric"]["name"] == "mnist_serving_queue_duration_seconds_mean"
 
 
 def test_hpa_custom_metric_is_served_by_the_adapter_rules(rendered):
@@ -376,3 +386,9 @@ def test_model_from_image_component_replaces_the_volume(tmp_path):
     assert mount["name"] == target["name"] and "subPath" not in mount
     assert not any("persistentVolumeClaim" in v for v in spec["volumes"])
     assert init["image"].endswith("-model")
+
+
+def test_model_store_names_a_storage_class(rendered):
+    (claim,) = [o for o in rendered["training"] if o["kind"] == "PersistentVolumeClaim"]
+    assert claim["spec"]["accessModes"] == ["ReadWriteMany"]
+    assert claim["spec"].get("storageClassName"), "no class: Pending on most clouds' ReadWriteOnce defaults"

@@ -184,3 +184,17 @@ def test_workers_blank_the_gauges_of_an_unloaded_version(trained_repository, tmp
         assert math.isnan(unloaded.get(name, **v2)), name
     assert unloaded.get("mnist_serving_offline_accuracy", **M) == metadata(trained_repository)["test_accuracy"]
     assert unloaded.get("mnist_serving_execution_provider_info", **M) == 1
+
+
+def test_multiprocess_directory_is_created_on_import(tmp_path):
+    """PROMETHEUS_MULTIPROC_DIR naming a directory that does not exist yet (a fresh emptyDir) is made, not a crash."""
+    import subprocess
+    import sys
+
+    target = tmp_path / "fresh" / "prom"
+    env = {"PATH": "/usr/bin:/bin", "PROMETHEUS_MULTIPROC_DIR": str(target)}
+    proc = subprocess.run(
+        [sys.executable, "-c", "import serving.metrics"], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert any(target.glob("gauge_*.db"))
