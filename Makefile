@@ -11,21 +11,40 @@ MODEL := $(REPO)/mnist
 DATA := data/mnist.npz
 ARGS ?=
 TRAIN_ARGS ?=
+# auto: onnxruntime-gpu when `nvidia-smi -L` lists a GPU, else onnxruntime (same version, never both); cpu|cuda force it.
+DEVICE ?= auto
+ORT_CHOICE := $(VENV)/.onnxruntime
+REQS := deploy/docker/requirements.py
 
-.PHONY: help venv data train model run serve client evaluate tensorboard test test-fast lint protos \
+.PHONY: FORCE help venv data train model run serve client evaluate tensorboard test test-fast lint protos \
         bench gpu-check k8s-check metrics-demo soak prometheus-bin clean
+
+FORCE:
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | column -t -s $$'\t'
 
-$(STAMP): pyproject.toml
+# The onnxruntime distribution this machine gets, rewritten only when the choice changes (which reinstalls).
+$(ORT_CHOICE): FORCE
+	@mkdir -p $(VENV)
+	@$(PYTHON_SYS) $(REQS) --device $(DEVICE) --distribution-only > $@.new
+	@if cmp -s $@.new $@; then rm $@.new; else mv $@.new $@; fi
+
+$(STAMP): pyproject.toml $(REQS) $(ORT_CHOICE)
 	test -x $(PY) || $(PYTHON_SYS) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e ".[serve,train,dev]"
+	$(PY) $(REQS) --extra serve --extra train --extra dev --onnxruntime $$(cat $(ORT_CHOICE)) > $(VENV)/requirements.txt
+	@echo "installing $$(cat $(ORT_CHOICE)) (DEVICE=$(DEVICE))"
+	@# onnxruntime and onnxruntime-gpu both own the onnxruntime/ module: switching removes both first.
+	other=$$(if [ "$$(cat $(ORT_CHOICE))" = onnxruntime ]; then echo onnxruntime-gpu; else echo onnxruntime; fi); \
+	  if $(PY) -m pip show --quiet $$other 2>/dev/null; then $(PY) -m pip uninstall --quiet --yes onnxruntime onnxruntime-gpu; fi
+	$(PY) -m pip install --quiet --requirement $(VENV)/requirements.txt
+	$(PY) -m pip install --quiet --no-deps -e .
 	$(PY) -m pip check
+	$(PY) -c "import onnxruntime as o; o.preload_dlls(); print('onnxruntime', o.__version__, o.get_available_providers())"
 	touch $@
 
-venv: $(STAMP) ## create the virtual environment with every extra (pinned in pyproject.toml)
+venv: $(STAMP) ## create the virtual environment with every extra (pinned in pyproject.toml; DEVICE=auto|cpu|cuda)
 
 $(DATA): | $(STAMP)
 	$(PY) -m training.data --data-dir data
