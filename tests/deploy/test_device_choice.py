@@ -83,7 +83,16 @@ def test_no_other_pinned_package_requires_a_distribution_named_onnxruntime():
 
 def test_cli_prints_the_choice_and_the_gpu_set():
     done = subprocess.run(
-        [sys.executable, str(SCRIPT), "--pyproject", str(REPO / "pyproject.toml"), "--extra", "serve", "--device", "cuda"],
+        [
+            sys.executable,
+            str(SCRIPT),
+            "--pyproject",
+            str(REPO / "pyproject.toml"),
+            "--extra",
+            "serve",
+            "--device",
+            "cuda",
+        ],
         capture_output=True,
         text=True,
         check=True,
