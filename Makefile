@@ -86,7 +86,7 @@ prometheus-bin: ## install the Prometheus server and promtool (Debian package) i
 bench: model ## load test: no-compute vs real server sweeps, in-process floor, goals (~2-3 min; ARGS=--quick ~30 s)
 	$(PY) -m bench --model-repository $(REPO) $(ARGS)
 
-gpu-check: $(STAMP) ## on a CUDA machine: CUDA really active, same answers as CPU, throughput; else says so, exits 0
+gpu-check: $(STAMP) ## on a CUDA machine: fast-path variants + real server with --require-gpu vs CPU, load, goals, JSON+PNG; else says so, exits 0
 	$(PY) -m bench.gpu_check --model-repository $(REPO) $(ARGS)
 
 metrics-demo: model prometheus-bin ## server + a real Prometheus: labelled traffic, then PromQL latency/accuracy (<1 min)

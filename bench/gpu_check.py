@@ -370,6 +370,7 @@ def goals(checks: Checks, inproc_cmp: list, server: dict, expect: str) -> list[d
 def plot(report: dict, path: Path) -> None:
     """Images/s and p99 per gRPC step and worker count, and the in-process variants."""
     import matplotlib
+    import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -396,6 +397,7 @@ def plot(report: dict, path: Path) -> None:
     ax3.set_xscale("log")
     ax3.set_xlabel("images/s in process (UINT8)")
     for ax in (ax1, ax2, ax3):
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.tick_params(axis="y", labelsize=7)
         ax.grid(True, axis="x", alpha=0.3)
     ax1.legend(fontsize=7)
