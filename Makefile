@@ -13,7 +13,7 @@ ARGS ?=
 TRAIN_ARGS ?=
 # auto: onnxruntime-gpu when `nvidia-smi -L` lists a GPU, else onnxruntime (same version, never both); cpu|cuda force it.
 DEVICE ?= auto
-ORT_CHOICE := $(VENV)/.onnxruntime
+DEVICE_FILE := $(VENV)/.device
 REQS := deploy/docker/requirements.py
 
 .PHONY: FORCE help venv data train model run serve client evaluate tensorboard test test-fast lint protos \
@@ -24,19 +24,18 @@ FORCE:
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | column -t -s $$'\t'
 
-# The onnxruntime distribution this machine gets, rewritten only when the choice changes (which reinstalls).
-$(ORT_CHOICE): FORCE
+# The device this environment is for (cpu|cuda), rewritten only when the choice changes (which reinstalls).
+$(DEVICE_FILE): FORCE
 	@mkdir -p $(VENV)
-	@$(PYTHON_SYS) $(REQS) --device $(DEVICE) --distribution-only > $@.new
+	@$(PYTHON_SYS) $(REQS) --device $(DEVICE) --print-device > $@.new
 	@if cmp -s $@.new $@; then rm $@.new; else mv $@.new $@; fi
 
-$(STAMP): pyproject.toml $(REQS) $(ORT_CHOICE)
+$(STAMP): pyproject.toml $(REQS) $(DEVICE_FILE)
 	test -x $(PY) || $(PYTHON_SYS) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) $(REQS) --extra serve --extra train --extra dev --onnxruntime $$(cat $(ORT_CHOICE)) > $(VENV)/requirements.txt
-	@echo "installing $$(cat $(ORT_CHOICE)) (DEVICE=$(DEVICE))"
-	@# onnxruntime and onnxruntime-gpu both own the onnxruntime/ module: switching removes both first.
-	other=$$(if [ "$$(cat $(ORT_CHOICE))" = onnxruntime ]; then echo onnxruntime-gpu; else echo onnxruntime; fi); \
+	$(PY) $(REQS) --extra serve --extra train --extra dev --device $$(cat $(DEVICE_FILE)) > $(VENV)/requirements.txt
+	@# onnxruntime and onnxruntime-gpu both own the onnxruntime/ module: a switch removes both first.
+	other=$$(if [ "$$(cat $(DEVICE_FILE))" = cpu ]; then echo onnxruntime-gpu; else echo onnxruntime; fi); \
 	  if $(PY) -m pip show --quiet $$other 2>/dev/null; then $(PY) -m pip uninstall --quiet --yes onnxruntime onnxruntime-gpu; fi
 	$(PY) -m pip install --quiet --requirement $(VENV)/requirements.txt
 	$(PY) -m pip install --quiet --no-deps -e .

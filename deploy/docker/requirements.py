@@ -1,8 +1,8 @@
 """Print the pinned requirements of pyproject.toml extras, with onnxruntime or onnxruntime-gpu of the same version.
 
 The one onnxruntime pin lives in pyproject.toml's `runtime` extra. `--device auto` (what `make` passes) picks
-onnxruntime-gpu when `nvidia-smi -L` lists a GPU, else onnxruntime; the two are never installed together
-(both provide the `onnxruntime` module). Used by the Makefile's install step and by the Dockerfiles.
+onnxruntime-gpu (with the CUDA/cuDNN wheels) when `nvidia-smi -L` lists a GPU, else onnxruntime; the two are
+never installed together (both provide the `onnxruntime` module). Used by the Makefile and the Dockerfiles.
 """
 
 from __future__ import annotations
@@ -18,6 +18,10 @@ from pathlib import Path
 _NAME = re.compile(r"^\s*([A-Za-z0-9][A-Za-z0-9._-]*)")
 _EXTRAS = re.compile(r"\[([^\]]*)\]")
 DISTRIBUTIONS = {"cpu": "onnxruntime", "cuda": "onnxruntime-gpu"}
+# What `--device cuda` installs: the CUDA 13 runtime and cuDNN 9 come as pip wheels (loaded by
+# onnxruntime.preload_dlls()), so the machine needs only the NVIDIA driver. The GPU image uses
+# `--onnxruntime onnxruntime-gpu` instead: its base image already has CUDA and cuDNN.
+DEVICE_REQUIREMENT = {"cpu": "onnxruntime", "cuda": "onnxruntime-gpu[cuda,cudnn]"}
 
 
 def requirement_name(requirement: str) -> str:
@@ -107,18 +111,18 @@ def main(argv: list[str] | None = None) -> int:
         choices=["auto", *DISTRIBUTIONS],
         help="Choose the distribution for this machine (auto: onnxruntime-gpu when nvidia-smi lists a GPU).",
     )
-    parser.add_argument(
-        "--distribution-only", action="store_true", help="Print only the chosen distribution's name."
-    )
+    parser.add_argument("--print-device", action="store_true", help="Print only the chosen device (cpu or cuda).")
     args = parser.parse_args(argv)
     onnxruntime = args.onnxruntime or "onnxruntime"
     if args.device:
         device, why = choose_device(args.device)
-        onnxruntime = DISTRIBUTIONS[device]
+        onnxruntime = DEVICE_REQUIREMENT[device]
         print(f"onnxruntime distribution: {onnxruntime} ({why}; override with DEVICE=cpu|cuda)", file=sys.stderr)
-    if args.distribution_only:
-        print(onnxruntime)
-        return 0
+        if args.print_device:
+            print(device)
+            return 0
+    elif args.print_device:
+        parser.error("--print-device needs --device")
     sys.stdout.write("".join(line + "\n" for line in requirements(args.pyproject, args.extra, onnxruntime)))
     return 0
 

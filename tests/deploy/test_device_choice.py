@@ -45,7 +45,7 @@ def test_unknown_device_is_refused():
 
 
 def as_dict(requirements: list[str]) -> dict[str, str]:
-    return dict(r.split("==") for r in requirements)
+    return {reqs.requirement_name(r): r.split("==")[1] for r in requirements}
 
 
 def test_each_device_gets_exactly_one_onnxruntime_of_the_one_pinned_version():
@@ -54,8 +54,11 @@ def test_each_device_gets_exactly_one_onnxruntime_of_the_one_pinned_version():
     cpu = as_dict(reqs.requirements(REPO / "pyproject.toml", EVERYTHING, "onnxruntime"))
     gpu = as_dict(reqs.requirements(REPO / "pyproject.toml", EVERYTHING, "onnxruntime-gpu"))
     assert "onnxruntime-gpu" not in cpu and "onnxruntime" not in gpu
-    assert gpu.pop("onnxruntime-gpu") == cpu.pop("onnxruntime")
+    version = cpu.pop("onnxruntime")
+    assert gpu.pop("onnxruntime-gpu") == version
     assert gpu == cpu  # nothing else differs
+    make_gpu = reqs.requirements(REPO / "pyproject.toml", EVERYTHING, reqs.DEVICE_REQUIREMENT["cuda"])
+    assert [r for r in make_gpu if r.startswith("onnxruntime")] == [f"onnxruntime-gpu[cuda,cudnn]=={version}"]
     for extra in ("serve", "train"):  # both reach the pin through the `runtime` extra
         assert "onnxruntime" in as_dict(reqs.requirements(REPO / "pyproject.toml", [extra]))
 
@@ -97,14 +100,15 @@ def test_cli_prints_the_choice_and_the_gpu_set():
         text=True,
         check=True,
     )
-    assert "onnxruntime-gpu==" in done.stdout and "onnxruntime==" not in done.stdout
-    assert "onnxruntime distribution: onnxruntime-gpu (DEVICE=cuda" in done.stderr
+    # With the CUDA 13 runtime and cuDNN as pip wheels: no system CUDA needed, only the driver.
+    assert "onnxruntime-gpu[cuda,cudnn]==" in done.stdout and "onnxruntime==" not in done.stdout
+    assert "onnxruntime distribution: onnxruntime-gpu[cuda,cudnn] (DEVICE=cuda" in done.stderr
 
 
 @pytest.mark.skipif(shutil.which("make") is None, reason="no make")
 def test_makefile_records_the_choice_and_reinstalls_only_when_it_changes(tmp_path):
     venv = tmp_path / "venv"
-    choice = venv / ".onnxruntime"
+    choice = venv / ".device"
 
     def make(*args: str) -> str:
         done = subprocess.run(
@@ -114,13 +118,13 @@ def test_makefile_records_the_choice_and_reinstalls_only_when_it_changes(tmp_pat
         return done.stdout + done.stderr
 
     out = make(str(choice), "DEVICE=cuda")
-    assert choice.read_text() == "onnxruntime-gpu\n" and "onnxruntime distribution: onnxruntime-gpu" in out
+    assert choice.read_text() == "cuda\n" and "onnxruntime distribution: onnxruntime-gpu" in out
     before = choice.stat().st_mtime_ns
     make(str(choice), "DEVICE=cuda")
     assert choice.stat().st_mtime_ns == before  # same choice: the venv is not reinstalled
     make(str(choice), "DEVICE=cpu")
-    assert choice.read_text() == "onnxruntime\n"
+    assert choice.read_text() == "cpu\n"
     # The install step (dry run): requirements for the recorded choice, the other distribution removed first.
     plan = make("-n", "venv", "DEVICE=cpu")
-    assert "--onnxruntime $(cat" in plan and "pip uninstall --quiet --yes onnxruntime onnxruntime-gpu" in plan
+    assert "--device $(cat" in plan and "pip uninstall --quiet --yes onnxruntime onnxruntime-gpu" in plan
     assert "pip check" in plan
