@@ -159,7 +159,7 @@ class BoundSession:
             return slot.out.numpy()[:n]  # one device->host copy of the bucket's output
 
     def warm_up(self) -> None:
-        """Run every bucket (three times with CUDA graphs: onnxruntime warms up, captures, then replays)."""
+        """Run every bucket (four times with CUDA graphs: onnxruntime runs, captures, then replays the graph)."""
         for size in self.buckets:
-            for _ in range(3 if self.cuda_graphs else 1):
+            for _ in range(4 if self.cuda_graphs else 1):
                 self.run(np.zeros((size, IMAGE_PIXELS), dtype=self.dtype))
