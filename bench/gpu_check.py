@@ -120,8 +120,10 @@ def check_inprocess(checks: Checks, model_path: Path, x: np.ndarray, y: np.ndarr
 
 
 def server_cmd(repo: Path, port: int, mport: int, device: str, require: bool, workers: int, graphs: bool) -> list:
+    # IO binding: auto is on with CUDA; a CPU rehearsal turns it on so the same bound path serves over gRPC.
     return python_cmd(
         "-m", "serving", "--model-repository", str(repo), "--grpc-port", str(port), "--metrics-port", str(mport),
+        "--io-binding", "on" if device == "cpu" else "auto",
         "--device", device, "--max-batch-size", str(MAX_BATCH), "--workers", str(workers), "--log-level", "WARNING",
         "--max-queue-images", str(16 * MAX_BATCH),  # c=8 of 4096 must queue, not be shed
         "--require-gpu" if require else "--no-require-gpu", "--cuda-graphs" if graphs else "--no-cuda-graphs",
