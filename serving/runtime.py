@@ -40,6 +40,8 @@ def requested_providers(settings: Settings) -> list:
     options = {"device_id": settings.cuda_device_id}
     if settings.cuda_graphs:
         options["enable_cuda_graph"] = "1"
+    if settings.require_gpu:
+        return [(CUDA, options)]  # no CPU provider: OnnxModel then forbids any node falling back to CPU
     return [(CUDA, options), CPU]
 
 
@@ -102,10 +104,10 @@ class OnnxModel:
             options.intra_op_num_threads = threads
         # Spinning threads burn the cores that gRPC needs between small batches.
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        if settings.require_gpu:
-            # No node of the graph may be placed on the CPU provider: the session fails to load instead.
-            options.add_session_config_entry("session.disable_cpu_ep_fallback", "1")
         providers = requested_providers(settings)
+        if CPU not in providers:
+            # --require-gpu on CUDA: a node CUDA cannot run makes the session fail to load instead of running on CPU.
+            options.add_session_config_entry("session.disable_cpu_ep_fallback", "1")
         try:
             model_bytes = path.read_bytes()
             self.session = ort.InferenceSession(model_bytes, options, providers=providers)

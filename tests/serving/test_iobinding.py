@@ -42,13 +42,15 @@ def test_io_binding_is_on_for_cuda_or_when_asked():
     assert not uses_io_binding(Settings(cuda_graphs=True), CPU)
 
 
-def test_cuda_graphs_are_requested_as_a_cuda_provider_option(monkeypatch):
+def test_cuda_provider_options_for_graphs_and_require_gpu(monkeypatch):
     import onnxruntime as ort
 
     monkeypatch.setattr(ort, "get_available_providers", lambda: [CUDA, CPU])
     assert requested_providers(Settings(cuda_device_id=1)) == [(CUDA, {"device_id": 1}), CPU]
     assert requested_providers(Settings(cuda_graphs=True)) == [(CUDA, {"device_id": 0, "enable_cuda_graph": "1"}), CPU]
     assert requested_providers(Settings(device="cpu", cuda_graphs=True)) == [CPU]
+    # --require-gpu: no CPU provider at all (and OnnxModel disables CPU fallback for single nodes).
+    assert requested_providers(Settings(require_gpu=True)) == [(CUDA, {"device_id": 0})]
 
 
 def test_host_buffers_are_page_aligned_and_cuda_graphs_need_cuda(trained_repository):
