@@ -459,7 +459,11 @@ def main(argv: list[str] | None = None) -> int:
     gpus = nvidia_smi()
     print(f"gpu-check: onnxruntime {ort.__version__} providers {providers}, devices {devices}\n{gpus}")
     checks = Checks()
-    model_path = find_model(args.model_repository)
+    try:
+        model_path = find_model(args.model_repository)
+    except FileNotFoundError as exc:
+        print(f"gpu-check: {exc}", file=sys.stderr)
+        return 2
     x, y = load_test_set(args.data_dir)
     t0 = time.perf_counter()
     p_cpu, inproc, inproc_cmp = check_inprocess(checks, model_path, x, y, args)
