@@ -11,21 +11,39 @@ MODEL := $(REPO)/mnist
 DATA := data/mnist.npz
 ARGS ?=
 TRAIN_ARGS ?=
+# auto: onnxruntime-gpu when `nvidia-smi -L` lists a GPU, else onnxruntime (same version, never both); cpu|cuda force it.
+DEVICE ?= auto
+DEVICE_FILE := $(VENV)/.device
+REQS := deploy/docker/requirements.py
 
-.PHONY: help venv data train model run serve client evaluate tensorboard test test-fast lint protos \
+.PHONY: FORCE help venv data train model run serve client evaluate tensorboard test test-fast lint protos \
         bench gpu-check k8s-check metrics-demo soak prometheus-bin clean
+
+FORCE:
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | column -t -s $$'\t'
 
-$(STAMP): pyproject.toml
+# The device this environment is for (cpu|cuda), rewritten only when the choice changes (which reinstalls).
+$(DEVICE_FILE): FORCE
+	@mkdir -p $(VENV)
+	@$(PYTHON_SYS) $(REQS) --device $(DEVICE) --print-device > $@.new
+	@if cmp -s $@.new $@; then rm $@.new; else mv $@.new $@; fi
+
+$(STAMP): pyproject.toml $(REQS) $(DEVICE_FILE)
 	test -x $(PY) || $(PYTHON_SYS) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e ".[serve,train,dev]"
+	$(PY) $(REQS) --extra serve --extra train --extra dev --device $$(cat $(DEVICE_FILE)) > $(VENV)/requirements.txt
+	@# onnxruntime and onnxruntime-gpu both own the onnxruntime/ module: a switch removes both first.
+	other=$$(if [ "$$(cat $(DEVICE_FILE))" = cpu ]; then echo onnxruntime-gpu; else echo onnxruntime; fi); \
+	  if $(PY) -m pip show --quiet $$other 2>/dev/null; then $(PY) -m pip uninstall --quiet --yes onnxruntime onnxruntime-gpu; fi
+	$(PY) -m pip install --quiet --requirement $(VENV)/requirements.txt
+	$(PY) -m pip install --quiet --no-deps -e .
 	$(PY) -m pip check
+	$(PY) -c "import onnxruntime as o; o.preload_dlls(); print('onnxruntime', o.__version__, o.get_available_providers())"
 	touch $@
 
-venv: $(STAMP) ## create the virtual environment with every extra (pinned in pyproject.toml)
+venv: $(STAMP) ## create the virtual environment with every extra (pinned in pyproject.toml; DEVICE=auto|cpu|cuda)
 
 $(DATA): | $(STAMP)
 	$(PY) -m training.data --data-dir data
@@ -67,7 +85,7 @@ prometheus-bin: ## install the Prometheus server and promtool (Debian package) i
 bench: model ## load test: no-compute vs real server sweeps, in-process floor, goals (~2-3 min; ARGS=--quick ~30 s)
 	$(PY) -m bench --model-repository $(REPO) $(ARGS)
 
-gpu-check: $(STAMP) ## on a CUDA machine: CUDA really active, same answers as CPU, throughput; else says so, exits 0
+gpu-check: $(STAMP) ## on a CUDA machine: fast-path variants + real server with --require-gpu vs CPU, load, goals, JSON+PNG; else says so, exits 0
 	$(PY) -m bench.gpu_check --model-repository $(REPO) $(ARGS)
 
 metrics-demo: model prometheus-bin ## server + a real Prometheus: labelled traffic, then PromQL latency/accuracy (<1 min)

@@ -1,11 +1,20 @@
-"""`make gpu-check`: on a CUDA machine prove CUDA really runs, matches CPU, and how fast; elsewhere say so."""
+"""`make gpu-check`: on a CUDA machine prove CUDA really runs, matches CPU, and how fast, end to end; else say so.
+
+In process, each part of the CUDA fast path (IO binding, pinned host memory, CUDA graphs) is checked against
+CPU on all 10,000 test images. Then the real server starts with `--device cuda --require-gpu`: its metadata and
+metrics must name the CUDA provider, its answers over gRPC must match CPU, and load over gRPC (batch 1 at c=1
+and c=64, UINT8 batches of 1024 and 4096, streaming where the server has it, 1/2/4 workers) is measured against
+the issue's goals. Results: bench/results/gpu_check/<time>.json and .png (and latest.*), like `make bench`.
+"""
 
 from __future__ import annotations
 
 import argparse
 import glob
 import json
+import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -16,9 +25,18 @@ from bench.common import REPO_ROOT, ChildServer, find_model, free_port, install_
 from training.data import to_model_input
 
 CUDA = "CUDAExecutionProvider"
-BATCHES = (1, 256, 4096)
-# Closed-loop concurrency per batch size for the gRPC table: enough requests in flight to keep the GPU fed.
-GRPC_CONCURRENCY = {1: 32, 256: 4, 4096: 2}
+CPU = "CPUExecutionProvider"
+MAX_BATCH = 4096
+# In-process variants of the CUDA path, each switched by the server's own settings.
+VARIANTS = {
+    "plain (numpy in/out)": {"io_binding": "off"},
+    "IO binding, pageable": {"io_binding": "on", "pinned_memory": False},
+    "IO binding, pinned": {"io_binding": "on", "pinned_memory": True},
+    "IO binding, pinned, CUDA graphs": {"io_binding": "on", "pinned_memory": True, "cuda_graphs": True},
+}
+# Goals of the issue (H100/H200-class GPU, 16 cores, over gRPC, end to end).
+GOAL_IMG_PER_S = 1_000_000
+GOAL_P99_MS = 1.0
 
 
 class Checks:
@@ -41,7 +59,14 @@ def cuda_devices() -> list[str]:
     return sorted(glob.glob("/dev/nvidia[0-9]*"))
 
 
-def _probabilities(model, x_uint8: np.ndarray, dtype: str = "FP32", chunk: int = 4096) -> np.ndarray:
+def nvidia_smi() -> str:
+    try:
+        return subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=20).stdout.strip()
+    except (OSError, subprocess.TimeoutExpired):
+        return ""
+
+
+def _probabilities(model, x_uint8: np.ndarray, dtype: str = "FP32", chunk: int = 1000) -> np.ndarray:
     """The model's answers for all images, sent as FP32 (scaled here) or as UINT8 (scaled inside the model)."""
     chunks = [x_uint8[i : i + chunk] for i in range(0, len(x_uint8), chunk)]
     if dtype == "FP32":
@@ -49,92 +74,345 @@ def _probabilities(model, x_uint8: np.ndarray, dtype: str = "FP32", chunk: int =
     return np.concatenate([model.run(c) for c in chunks])
 
 
-def check_inprocess(checks: Checks, model_path: Path, x: np.ndarray, y: np.ndarray, tol: float, duration: float):
-    """CUDA session really on CUDA; all 10k test images agree with CPU; throughput per batch and dtype."""
+def compare(checks: Checks, name: str, probs: np.ndarray, reference: np.ndarray, tol: float) -> dict:
+    """argmax identical on every image and max |prob difference| within tol, against the CPU reference."""
+    differ = int((probs.argmax(1) != reference.argmax(1)).sum())
+    diff = float(np.abs(probs - reference).max())
+    ok = checks.add(
+        name, differ == 0 and diff <= tol, f"{differ} of {len(probs)} argmax differ, max |dprob| {diff:.3g}"
+    )
+    return {"name": name, "ok": ok, "argmax_differ": differ, "max_abs_dprob": diff}
+
+
+def check_inprocess(checks: Checks, model_path: Path, x: np.ndarray, y: np.ndarray, args) -> tuple:
+    """Every fast-path variant on CUDA: provider, answers vs CPU on all 10k (FP32 and UINT8), batch 1/4096 speed."""
     from bench import inprocess
+    from serving.config import Settings
+    from serving.runtime import OnnxModel
 
-    gpu = inprocess.load_model(model_path, "cuda")
-    if not checks.add("in-process provider", gpu.provider == CUDA, f"Settings(device='cuda') runs on {gpu.provider}"):
-        return None, []
-    cpu = inprocess.load_model(model_path, "cpu")
-    p_gpu, p_cpu = _probabilities(gpu, x), _probabilities(cpu, x)
-    mismatched = int((p_gpu.argmax(1) != p_cpu.argmax(1)).sum())
-    checks.add("argmax CUDA == CPU", mismatched == 0, f"{mismatched} of {len(x)} test images differ")
-    diff = float(np.abs(p_gpu - p_cpu).max())
-    checks.add("max |prob CUDA - prob CPU|", diff <= tol, f"{diff:.3g} (tolerance {tol:g})")
-    p_gpu_u8 = _probabilities(gpu, x, "UINT8")  # the in-graph Cast/Div on the GPU
-    diff_u8 = float(np.abs(p_gpu_u8 - p_cpu).max())
-    checks.add("UINT8 on CUDA == FP32 on CPU", diff_u8 <= tol, f"max |dprob| {diff_u8:.3g} (tolerance {tol:g})")
-    acc_gpu, acc_cpu = float((p_gpu.argmax(1) == y).mean()), float((p_cpu.argmax(1) == y).mean())
-    checks.add("accuracy CUDA == CPU", acc_gpu == acc_cpu, f"CUDA {acc_gpu:.4f}, CPU {acc_cpu:.4f}")
-    table = [
-        inprocess.measure(gpu, x, y, b, d, duration=duration, warmup=0.3) for b in BATCHES for d in ("UINT8", "FP32")
-    ]
-    print(inprocess.format_table(table, "\nin-process onnxruntime on CUDA"))
-    return p_cpu, table
+    cpu = OnnxModel(model_path, Settings(device="cpu", io_binding="off"))
+    p_cpu = _probabilities(cpu, x)
+    table, comparisons = [], []
+    for name, overrides in VARIANTS.items():
+        try:
+            model = OnnxModel(model_path, Settings(device=args.device, max_batch_size=MAX_BATCH, **overrides))
+            model.warm_up(MAX_BATCH)
+        except Exception as exc:  # a variant that cannot start is a failed check, not the end of the run
+            checks.add(f"in-process {name}: loads", False, f"{type(exc).__name__}: {exc}"[:2000])
+            continue
+        checks.add(f"in-process {name}: provider", model.provider == args.expect, model.provider)
+        for dtype in ("FP32", "UINT8"):
+            comparisons.append(
+                compare(
+                    checks, f"in-process {name} {dtype} vs CPU", _probabilities(model, x, dtype), p_cpu, args.tolerance
+                )
+            )
+        for batch in (1, MAX_BATCH):
+            row = inprocess.measure(model, x, y, batch, "UINT8", duration=args.inproc_duration, warmup=0.2)
+            table.append({**row, "variant": name, "pinned": bool(model.bound and model.bound[np.uint8].pinned)})
+        del model
+    print(
+        inprocess.format_table(
+            table, "\nin-process onnxruntime, UINT8 (variants in order: " + ", ".join(VARIANTS) + ")"
+        )
+    )
+    return p_cpu, table, comparisons
 
 
-def check_server(checks: Checks, repo: Path, x: np.ndarray, y: np.ndarray, p_cpu, duration: float, logs: Path):
-    """The real server started with --device cuda --require-gpu reports CUDA and answers like CPU."""
-    from bench.loadgen import LoadGenerator, Step, build_requests, format_table
+def server_cmd(repo: Path, port: int, mport: int, device: str, require: bool, workers: int, graphs: bool) -> list:
+    # IO binding: auto is on with CUDA; a CPU rehearsal turns it on so the same bound path serves over gRPC.
+    return python_cmd(
+        "-m", "serving", "--model-repository", str(repo), "--grpc-port", str(port), "--metrics-port", str(mport),
+        "--io-binding", "on" if device == "cpu" else "auto",
+        "--device", device, "--max-batch-size", str(MAX_BATCH), "--workers", str(workers), "--log-level", "WARNING",
+        "--max-queue-images", str(16 * MAX_BATCH),  # c=8 of 4096 must queue, not be shed
+        "--require-gpu" if require else "--no-require-gpu", "--cuda-graphs" if graphs else "--no-cuda-graphs",
+    )  # fmt: skip
+
+
+def scrape(mport: int) -> str:
+    try:
+        return urllib.request.urlopen(f"http://127.0.0.1:{mport}/metrics", timeout=5).read().decode()
+    except OSError as exc:
+        return f"# cannot scrape /metrics: {exc}"
+
+
+def grpc_answers(target: str, x: np.ndarray, y: np.ndarray, dtype: str) -> np.ndarray:
+    """All test images through ModelInfer in batches of 1000: the probabilities the server returns."""
+    import grpc
+
+    from bench.loadgen import build_requests
     from serving.protos import grpc_service_pb2 as pb
 
-    port, mport = free_port(), free_port()
-    cmd = python_cmd(
-        "-m", "serving", "--model-repository", str(repo), "--grpc-port", str(port), "--metrics-port", str(mport),
-        "--device", "cuda", "--require-gpu", "--max-batch-size", str(max(BATCHES)), "--log-level", "WARNING",
-    )  # fmt: skip
-    table = []
-    with ChildServer("real-cuda", cmd, port, logs / "real-cuda.log").start() as server:
-        try:
-            server.wait_ready(timeout=180)
-        except (RuntimeError, TimeoutError) as exc:
-            checks.add("server starts with --device cuda --require-gpu", False, str(exc)[-2000:])
-            return []
-        import grpc
+    requests, _ = build_requests(x, y, 1000, dtype)
+    with grpc.insecure_channel(target) as ch:
+        infer = ch.unary_unary("/inference.GRPCInferenceService/ModelInfer")
+        out = []
+        for raw in requests:
+            resp = pb.ModelInferResponse.FromString(infer(raw, timeout=30))
+            index = [o.name for o in resp.outputs].index("probabilities")
+            out.append(np.frombuffer(resp.raw_output_contents[index], dtype="<f4").reshape(-1, 10))
+    return np.concatenate(out)
 
-        with grpc.insecure_channel(server.target) as ch:
-            meta = ch.unary_unary(
-                "/inference.GRPCInferenceService/ModelMetadata",
-                request_serializer=pb.ModelMetadataRequest.SerializeToString,
-                response_deserializer=pb.ModelMetadataResponse.FromString,
-            )(pb.ModelMetadataRequest(name="mnist"), timeout=10)
-            checks.add("server ModelMetadata platform", meta.platform.endswith(CUDA), meta.platform)
-            infer = ch.unary_unary("/inference.GRPCInferenceService/ModelInfer")
-            requests, _ = build_requests(x, y, 1000, "UINT8")
-            probs = []
-            for raw in requests:
-                resp = pb.ModelInferResponse.FromString(infer(raw, timeout=30))
-                probs.append(np.frombuffer(resp.raw_output_contents[0], dtype="<f4").reshape(-1, 10))
-        p_srv = np.concatenate(probs)
-        if p_cpu is not None:
-            mismatched = int((p_srv.argmax(1) != p_cpu.argmax(1)).sum())
-            checks.add("server argmax == CPU", mismatched == 0, f"{mismatched} of {len(p_srv)} differ over gRPC")
-        checks.add("server accuracy", True, f"{float((p_srv.argmax(1) == y[: len(p_srv)]).mean()):.4f} on 10k")
-        try:
-            text = urllib.request.urlopen(f"http://127.0.0.1:{mport}/metrics", timeout=5).read().decode()
-        except OSError as exc:
-            text = f"# cannot scrape /metrics: {exc}"
-        active = [
-            line
-            for line in text.splitlines()
-            if line.startswith("mnist_serving_execution_provider_info{") and line.rstrip().endswith(" 1.0")
-        ]
+
+def stream_load(target: str, x: np.ndarray, y: np.ndarray, batch: int, streams: int, window: int, duration: float):
+    """Closed-loop ModelStreamInfer: `streams` streams, each with `window` requests in flight; None if unimplemented."""
+    import grpc
+
+    from bench.loadgen import build_requests
+    from serving.protos import grpc_service_pb2 as pb
+
+    requests, _ = build_requests(x, y, batch, "UINT8")
+    done, errors, lats = [0], [], []
+    stop_at = time.perf_counter() + duration
+    lock = threading.Lock()
+
+    def one_stream(k: int) -> None:
+        slots = threading.Semaphore(window)
+        sent: list[float] = []
+
+        def gen():
+            i = k
+            while time.perf_counter() < stop_at:
+                if not slots.acquire(timeout=0.1):
+                    continue  # re-check the clock: a stream that broke must not block this thread forever
+                sent.append(time.perf_counter())
+                yield requests[i % len(requests)]
+                i += streams
+
+        with grpc.insecure_channel(target) as ch:
+            call = ch.stream_stream("/inference.GRPCInferenceService/ModelStreamInfer")
+            try:
+                for j, raw in enumerate(call(gen(), timeout=duration + 30)):
+                    resp = pb.ModelStreamInferResponse.FromString(raw)
+                    with lock:
+                        if resp.error_message:
+                            errors.append(resp.error_message)
+                        else:
+                            done[0] += 1
+                            lats.append(time.perf_counter() - sent[j])
+                    slots.release()
+            except grpc.RpcError as exc:
+                with lock:
+                    errors.append(exc.code().name)
+
+    t0 = time.perf_counter()
+    threads = [threading.Thread(target=one_stream, args=(k,), daemon=True) for k in range(streams)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(duration + 60)
+    elapsed = time.perf_counter() - t0
+    if errors and errors[0] == "UNIMPLEMENTED":
+        return None
+    lat = np.array(lats) * 1e3 if lats else np.zeros(1)
+    return {
+        "label": f"stream x{streams} window={window} batch={batch} UINT8",
+        "img_per_s": round(done[0] * batch / elapsed, 1),
+        "req_per_s": round(done[0] / elapsed, 1),
+        "latency_ms": {"p50": round(float(np.percentile(lat, 50)), 4), "p99": round(float(np.percentile(lat, 99)), 4)},
+        "errors": len(errors),
+        "error_sample": errors[:3],
+    }
+
+
+def check_server(checks: Checks, repo: Path, x, y, p_cpu, args, logs: Path) -> dict:
+    """The real server: CUDA proven active, answers like CPU over gRPC, then load, for 1/2/4 workers."""
+    from bench.loadgen import LoadGenerator, Step, format_table
+
+    out: dict = {"grpc": [], "stream": [], "workers": []}
+    require = args.expect == CUDA
+    # --require-gpu must refuse a server that would run on CPU: start one with --device cpu and see it exit.
+    if require:
+        port, mport = free_port(), free_port()
+        cmd = server_cmd(repo, port, mport, "cpu", True, 1, False)
+        done = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
         checks.add(
-            "metric mnist_serving_execution_provider_info",
-            bool(active) and all(f'provider="{CUDA}"' in line for line in active),
-            "; ".join(active) or "no active provider series",
+            "--require-gpu refuses to serve on CPU",
+            done.returncode != 0 and "CUDA is not active" in (done.stdout + done.stderr),
+            f"--device cpu --require-gpu exited {done.returncode}",
         )
-        with LoadGenerator(server.target, x, y, client_procs=1) as gen:
-            for b in BATCHES:
-                for d in ("UINT8", "FP32"):
-                    table.append(
-                        gen.run(Step(concurrency=GRPC_CONCURRENCY[b], batch=b, dtype=d, duration=duration, warmup=0.3))
+    gen1 = LoadGenerator("127.0.0.1:1", x, y, client_procs=1)
+    gen_n = LoadGenerator("127.0.0.1:1", x, y, client_procs=args.client_procs).start()
+    graphs = args.cuda_graphs
+    for workers in args.workers:
+        server = _start(checks, repo, args.device, require, workers, graphs, logs)
+        if server is None and graphs:
+            print("  retrying without CUDA graphs", flush=True)
+            graphs = False
+            server = _start(checks, repo, args.device, require, workers, graphs, logs)
+        if server is None:
+            continue
+        out["workers"].append({"workers": workers, "cuda_graphs": graphs})
+        name, mport = server.name, server.metrics_port
+        gen1.retarget(server.target)
+        gen_n.retarget(server.target)
+        with server:
+            if workers == args.workers[0]:
+                _prove_provider(checks, server.target, mport, args.expect)
+                for dtype in ("FP32", "UINT8"):
+                    p_srv = grpc_answers(server.target, x, y, dtype)
+                    out.setdefault("comparisons", []).append(
+                        compare(checks, f"server over gRPC {dtype} vs CPU", p_srv, p_cpu, args.tolerance)
                     )
-        print(format_table(table, "\nover gRPC (python -m serving --device cuda), closed loop"))
-        errors = sum(sum(r["errors"].values()) for r in table)
-        checks.add("gRPC load without errors", errors == 0, f"{errors} errors")
-    return table
+            steps = [
+                Step(concurrency=1, batch=1, dtype="FP32", duration=args.duration, warmup=0.5),
+                Step(concurrency=64, batch=1, dtype="FP32", duration=args.duration, warmup=0.5),
+                Step(concurrency=8, batch=1024, dtype="UINT8", duration=args.duration, warmup=0.5),
+                Step(concurrency=8, batch=4096, dtype="UINT8", duration=args.duration, warmup=0.5),
+            ]
+            if workers != args.workers[0]:
+                steps = steps[1:]  # the worker sweep: throughput steps only
+            rows = [{**(gen1 if step.concurrency == 1 else gen_n).run(step), "workers": workers} for step in steps]
+            print(format_table(rows, f"over gRPC, {workers} worker(s), closed loop"))
+            out["grpc"] += rows
+            stream = stream_load(server.target, x, y, MAX_BATCH, streams=4, window=2, duration=args.duration)
+            if stream is None:
+                print("  streaming: this server has no ModelStreamInfer (UNIMPLEMENTED): not measured")
+            else:
+                stream["workers"] = workers
+                out["stream"].append(stream)
+                print(f"  {stream['label']}: {stream['img_per_s']:.0f} img/s, p99 {stream['latency_ms']['p99']} ms")
+            text = scrape(mport)
+            if require:
+                _no_cpu_series(checks, name, text)
+    gen_n.close()
+    errors = sum(sum(r["errors"].values()) for r in out["grpc"]) + sum(s["errors"] for s in out["stream"])
+    checks.add("gRPC load without errors", errors == 0, f"{errors} errors")
+    return out
+
+
+def _start(checks: Checks, repo: Path, device: str, require: bool, workers: int, graphs: bool, logs: Path):
+    """A ready server (ChildServer with .metrics_port), or None after a failed check."""
+    port, mport = free_port(), free_port()
+    cmd = server_cmd(repo, port, mport, device, require, workers, graphs)
+    name = f"server-{device}-w{workers}{'-graphs' if graphs else ''}"
+    print(f"\n{name}: {' '.join(cmd[1:])}", flush=True)
+    server = ChildServer(name, cmd, port, logs / f"{name}.log").start()
+    server.metrics_port = mport
+    try:
+        server.wait_ready(timeout=240)
+    except (RuntimeError, TimeoutError) as exc:
+        server.stop()
+        checks.add(f"{name} starts", False, str(exc)[-2000:])
+        return None
+    return server
+
+
+def _prove_provider(checks: Checks, target: str, mport: int, expect: str) -> None:
+    import grpc
+
+    from serving.protos import grpc_service_pb2 as pb
+
+    with grpc.insecure_channel(target) as ch:
+        meta = ch.unary_unary(
+            "/inference.GRPCInferenceService/ModelMetadata",
+            request_serializer=pb.ModelMetadataRequest.SerializeToString,
+            response_deserializer=pb.ModelMetadataResponse.FromString,
+        )(pb.ModelMetadataRequest(name="mnist"), timeout=10)
+    checks.add("server ModelMetadata platform", meta.platform.endswith(expect), meta.platform)
+    text = scrape(mport)
+    active = [
+        line
+        for line in text.splitlines()
+        if line.startswith("mnist_serving_execution_provider_info{") and line.rstrip().endswith(" 1.0")
+    ]
+    checks.add(
+        "metric mnist_serving_execution_provider_info",
+        bool(active) and all(f'provider="{expect}"' in line for line in active),
+        "; ".join(active) or "no active provider series",
+    )
+
+
+def _no_cpu_series(checks: Checks, name: str, text: str) -> None:
+    on_cpu = [
+        line
+        for line in text.splitlines()
+        if line.startswith("mnist_serving_execution_provider_info{") and f'provider="{CPU}"' in line
+        and not line.rstrip().endswith(" 0.0")
+    ]  # fmt: skip
+    required = any(
+        line.startswith("mnist_serving_gpu_required ") and line.endswith(" 1.0") for line in text.splitlines()
+    )
+    checks.add(
+        f"{name}: nothing served on CPU", not on_cpu and required, "; ".join(on_cpu) or "gpu_required=1, no CPU series"
+    )
+
+
+def goals(checks: Checks, inproc_cmp: list, server: dict, expect: str) -> list[dict]:
+    """The issue's goals, each met or not, from what this run measured."""
+    out = []
+
+    def goal(text: str, met: bool, value: str) -> None:
+        out.append({"goal": text, "met": bool(met), "value": value})
+
+    provider_checks = [c for c in checks.items if "provider" in c["check"] or "platform" in c["check"]]
+    goal(f"{expect} provider proven active", bool(provider_checks) and all(c["ok"] for c in provider_checks), "")
+    cmp_all = inproc_cmp + server.get("comparisons", [])
+    worst = max((c["max_abs_dprob"] for c in cmp_all), default=float("nan"))
+    goal(
+        "answers identical to CPU (argmax on all 10k, max |dprob| <= 1e-4)",
+        bool(cmp_all) and all(c["ok"] for c in cmp_all),
+        f"{sum(c['argmax_differ'] for c in cmp_all)} argmax differences, worst |dprob| {worst:.3g}",
+    )
+    u8 = [r for r in server["grpc"] if r["step"]["dtype"] == "UINT8"] + server["stream"]
+    best = max((r["img_per_s"] for r in u8), default=0.0)
+    goal(f">= {GOAL_IMG_PER_S:,} images/s with UINT8 batches over gRPC", best >= GOAL_IMG_PER_S, f"{best:,.0f} img/s")
+    c1 = [r for r in server["grpc"] if r["step"]["concurrency"] == 1 and r["step"]["batch"] == 1]
+    p99 = c1[0]["latency_ms"]["p99"] if c1 and c1[0]["latency_ms"]["p99"] is not None else float("inf")
+    goal(f"batch 1, c=1: p99 <= {GOAL_P99_MS:g} ms", p99 <= GOAL_P99_MS, f"p99 {p99:.3f} ms")
+    guard = [c for c in checks.items if "require-gpu" in c["check"] or "nothing served on CPU" in c["check"]]
+    goal("no image served on CPU with --require-gpu", bool(guard) and all(c["ok"] for c in guard), "")
+    print("\ngoals (this machine):")
+    for g in out:
+        print(f"  [{'MET' if g['met'] else 'NOT MET'}] {g['goal']}{': ' + g['value'] if g['value'] else ''}")
+    return out
+
+
+def plot(report: dict, path: Path) -> None:
+    """Images/s and p99 per gRPC step and worker count, and the in-process variants."""
+    import matplotlib
+    import matplotlib.ticker
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(15, 4.5))
+    rows = report["server"]["grpc"]
+    for workers in sorted({r["workers"] for r in rows}):
+        mine = [r for r in rows if r["workers"] == workers]
+        labels = [r["label"].replace("closed ", "") for r in mine]
+        ax1.barh(
+            [f"{label} w{workers}" for label in labels], [r["img_per_s"] for r in mine], label=f"{workers} worker(s)"
+        )
+        ax2.barh([f"{label} w{workers}" for label in labels], [r["latency_ms"]["p99"] or 0 for r in mine])
+    for s in report["server"]["stream"]:
+        ax1.barh([f"{s['label']} w{s['workers']}"], [s["img_per_s"]], color="grey")
+    ax1.axvline(GOAL_IMG_PER_S, ls="--", color="red", label="goal 1M img/s (UINT8)")
+    ax2.axvline(GOAL_P99_MS, ls="--", color="red", label="goal p99 1 ms (batch 1, c=1)")
+    ax1.set_xscale("log")
+    ax1.set_xlabel("images/s over gRPC")
+    ax2.set_xscale("log")
+    ax2.set_xlabel("p99 latency (ms)")
+    inproc = report["inprocess"]
+    ax3.barh([f"{r['variant']} b{r['batch']}" for r in inproc], [r["img_per_s"] for r in inproc])
+    ax3.set_xscale("log")
+    ax3.set_xlabel("images/s in process (UINT8)")
+    for ax in (ax1, ax2, ax3):
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+        ax.tick_params(axis="y", labelsize=7)
+        ax.grid(True, axis="x", alpha=0.3)
+    ax1.legend(fontsize=7)
+    ax2.legend(fontsize=7)
+    m = report["machine"]
+    fig.suptitle(f"gpu-check {report['timestamp']} - {report['gpus'] or 'no GPU'} - {m['nproc']} CPUs", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _ints(text: str) -> list[int]:
+    return [int(v) for v in text.split(",") if v.strip()]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -142,40 +420,84 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--require", action="store_true", help="exit non-zero when there is no CUDA to check")
     p.add_argument("--model-repository", type=Path, default=REPO_ROOT / "model_repository")
     p.add_argument("--data-dir", type=Path, default=REPO_ROOT / "data")
-    p.add_argument("--tolerance", type=float, default=1e-4, help="max |prob difference| CUDA vs CPU")
-    p.add_argument("--duration", type=float, default=1.5, help="seconds per throughput cell")
+    p.add_argument("--tolerance", type=float, default=1e-4, help="max |prob difference| against CPU")
+    p.add_argument("--duration", type=float, default=3.0, help="seconds per gRPC load step")
+    p.add_argument("--inproc-duration", type=float, default=1.0, help="seconds per in-process timing")
+    p.add_argument("--workers", type=_ints, default=[1, 2, 4], help="server worker counts to measure (first: full)")
+    p.add_argument("--client-procs", type=int, default=4, help="load-generator processes for c > 1")
+    p.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=True, help="server --cuda-graphs")
     p.add_argument("--no-grpc", action="store_true", help="only the in-process checks")
-    p.add_argument("--json", type=Path, help="write checks and tables here")
+    p.add_argument(
+        "--rehearse-on-cpu",
+        action="store_true",
+        help="run every step on the CPU provider (tests this script without a GPU; the goals are not the point)",
+    )
+    p.add_argument("--results-dir", type=Path, default=REPO_ROOT / "bench" / "results" / "gpu_check")
+    p.add_argument("--json", type=Path, help="also write the report here")
     args = p.parse_args(argv)
 
     import onnxruntime as ort
 
     providers = ort.get_available_providers()
     devices = cuda_devices()
-    if CUDA not in providers or not devices:
+    if args.rehearse_on_cpu:
+        args.device, args.expect, args.cuda_graphs = "cpu", CPU, False
+        print("rehearsal on CPU: every step runs on CPUExecutionProvider; CUDA is not checked")
+    elif CUDA not in providers or not devices:
         why = "" if CUDA not in providers else f" (the build has {CUDA} but there is no /dev/nvidia* device)"
         print(f"no CUDA here: onnxruntime providers = {providers}{why}; nothing to check")
         if args.require:
             print("--require: failing because CUDA is not available", file=sys.stderr)
             return 1
         return 0
-
+    else:
+        args.device, args.expect = "cuda", CUDA
+        ort.preload_dlls()
     install_sigterm_exit()
-    print(f"CUDA check: onnxruntime {ort.__version__} providers {providers}, devices {devices}")
-    from bench.common import load_test_set
+    from bench.common import load_test_set, machine_info
 
+    gpus = nvidia_smi()
+    print(f"gpu-check: onnxruntime {ort.__version__} providers {providers}, devices {devices}\n{gpus}")
     checks = Checks()
-    model_path = find_model(args.model_repository)
+    try:
+        model_path = find_model(args.model_repository)
+    except FileNotFoundError as exc:
+        print(f"gpu-check: {exc}", file=sys.stderr)
+        return 2
     x, y = load_test_set(args.data_dir)
     t0 = time.perf_counter()
-    p_cpu, inproc = check_inprocess(checks, model_path, x, y, args.tolerance, args.duration)
-    grpc_table = []
+    p_cpu, inproc, inproc_cmp = check_inprocess(checks, model_path, x, y, args)
+    server: dict = {"grpc": [], "stream": [], "workers": []}
     if not args.no_grpc:
         logs = REPO_ROOT / "bench" / "results" / "logs" / "gpu_check"
-        grpc_table = check_server(checks, args.model_repository, x, y, p_cpu, args.duration, logs)
+        server = check_server(checks, args.model_repository, x, y, p_cpu, args, logs)
+    met = goals(checks, inproc_cmp, server, args.expect)
     print(f"\ngpu-check {'PASSED' if checks.ok else 'FAILED'} in {time.perf_counter() - t0:.0f} s")
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    report = {
+        "timestamp": stamp,
+        "rehearsal_on_cpu": args.rehearse_on_cpu,
+        "gpus": gpus,
+        "machine": machine_info(),
+        "settings": {"cuda_graphs": args.cuda_graphs, "workers": args.workers, "duration_s": args.duration},
+        "checks": checks.items,
+        "goals": met,
+        "inprocess": inproc,
+        "inprocess_comparisons": inproc_cmp,
+        "server": server,
+    }
+    text = json.dumps(report, indent=2, default=str)
+    args.results_dir.mkdir(parents=True, exist_ok=True)
+    for name in (f"{stamp}.json", "latest.json"):
+        (args.results_dir / name).write_text(text)
     if args.json:
-        args.json.write_text(json.dumps({"checks": checks.items, "inprocess": inproc, "grpc": grpc_table}, indent=2))
+        args.json.write_text(text)
+    try:
+        plot(report, args.results_dir / f"{stamp}.png")
+        (args.results_dir / "latest.png").write_bytes((args.results_dir / f"{stamp}.png").read_bytes())
+    except Exception as exc:  # a missing plot must not hide the checks
+        print(f"plot failed: {exc}", file=sys.stderr)
+    print(f"results: {args.results_dir / (stamp + '.json')} (and latest.json, latest.png)")
     return 0 if checks.ok else 1
 
 

@@ -38,7 +38,20 @@ class Settings(BaseSettings):
         "auto", description="Execution provider: auto prefers CUDA and falls back to CPU."
     )
     cuda_device_id: int = Field(0, ge=0, description="CUDA device for the CUDA execution provider.")
-    require_gpu: bool = Field(False, description="Exit non-zero at start-up unless CUDA is really in use.")
+    require_gpu: bool = Field(
+        False, description="Exit non-zero at start-up unless CUDA is really in use, with no node left on CPU."
+    )
+    io_binding: Literal["auto", "on", "off"] = Field(
+        "auto", description="Run through IO binding with buffers allocated once per batch bucket (auto: on CUDA)."
+    )
+    batch_buckets: str = Field(
+        "1,2,4,8,16,32,64,128,256,512,1024,2048,3072,4096",
+        description="IO-binding batch sizes: a batch is padded up to the next one (max_batch_size is always one).",
+    )
+    pinned_memory: bool = Field(True, description="On CUDA, stage inputs in page-locked host memory.")
+    cuda_graphs: bool = Field(
+        False, description="On CUDA, capture one CUDA graph per batch bucket and replay it (implies IO binding)."
+    )
     intra_op_threads: int = Field(
         0, ge=0, description="onnxruntime intra-op threads per worker (0: cores / workers; one worker: ORT's default)."
     )
@@ -97,9 +110,26 @@ class Settings(BaseSettings):
     def _derive(self) -> Settings:
         if self.max_message_bytes == 0:
             self.max_message_bytes = self.max_batch_size * IMAGE_PIXELS * 4 + _MESSAGE_OVERHEAD_BYTES
+        bucket_sizes(self.batch_buckets, self.max_batch_size)  # a bad list fails here, naming the flag
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ValueError("tls_cert and tls_key must be given together")
         return self
+
+    @property
+    def buckets(self) -> tuple[int, ...]:
+        """Batch sizes IO binding allocates buffers for, ascending, the last one max_batch_size."""
+        return bucket_sizes(self.batch_buckets, self.max_batch_size)
+
+
+def bucket_sizes(spec: str, max_batch_size: int) -> tuple[int, ...]:
+    """The sorted bucket sizes of a comma-separated list, cut at max_batch_size, which is always the last."""
+    try:
+        sizes = {int(part) for part in spec.split(",") if part.strip()}
+    except ValueError:
+        raise ValueError(f"batch_buckets must be comma-separated integers, got {spec!r}") from None
+    if any(size < 1 for size in sizes):
+        raise ValueError(f"batch_buckets must be positive, got {spec!r}")
+    return tuple(sorted(size for size in sizes if size < max_batch_size)) + (max_batch_size,)
 
 
 def parse_version_policy(text: str) -> tuple[str, tuple[int, ...]]:

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
 import pytest
 
 from bench.common import REPO_ROOT
-from bench.gpu_check import CUDA, cuda_devices
+from bench.gpu_check import CUDA, VARIANTS, cuda_devices
 
 ort = pytest.importorskip("onnxruntime")
 pytestmark = pytest.mark.skipif(
@@ -34,3 +35,48 @@ def test_require_fails_without_cuda():
     done = _run("--require")
     assert done.returncode == 1
     assert "no CUDA here" in done.stdout and "--require" in done.stderr
+
+
+def test_rehearsal_on_cpu_runs_every_in_process_variant_and_writes_json_and_png(trained_repository, tmp_path):
+    """The script itself, without a GPU: each fast-path variant against CPU on all 10k images, the report files."""
+    done = _run(
+        "--rehearse-on-cpu", "--no-grpc", "--inproc-duration", "0.05", "--results-dir", str(tmp_path),
+        "--model-repository", str(trained_repository),
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    report = json.loads((tmp_path / "latest.json").read_text())
+    assert (tmp_path / "latest.png").stat().st_size > 10_000
+    compared = {c["name"]: c for c in report["inprocess_comparisons"]}
+    for variant in VARIANTS:
+        for dtype in ("FP32", "UINT8"):
+            c = compared[f"in-process {variant} {dtype} vs CPU"]
+            assert c["ok"] and c["argmax_differ"] == 0
+    assert {r["variant"] for r in report["inprocess"]} == set(VARIANTS)
+    assert all(item["ok"] for item in report["checks"])
+    assert report["rehearsal_on_cpu"] is True
+
+
+@pytest.mark.slow
+def test_rehearsal_on_cpu_over_grpc_serves_through_io_binding_like_cpu(trained_repository, tmp_path):
+    """The server part of the check, on CPU: the server with --io-binding on answers all 10k like CPU, under load."""
+    done = _run(
+        "--rehearse-on-cpu", "--inproc-duration", "0.05", "--duration", "0.3", "--workers", "1",
+        "--client-procs", "1", "--results-dir", str(tmp_path), "--model-repository", str(trained_repository),
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    report = json.loads((tmp_path / "latest.json").read_text())
+    compared = {c["name"]: c for c in report["server"]["comparisons"]}
+    assert compared["server over gRPC FP32 vs CPU"]["ok"] and compared["server over gRPC UINT8 vs CPU"]["ok"]
+    labels = [r["label"] for r in report["server"]["grpc"]]
+    assert labels == [
+        "closed c=1 batch=1 FP32", "closed c=64 batch=1 FP32", "closed c=8 batch=1024 UINT8",
+        "closed c=8 batch=4096 UINT8",
+    ]  # fmt: skip
+    assert all(not r["errors"] and r["ok"] > 0 for r in report["server"]["grpc"])
+    assert [g["goal"].split(" ")[0] for g in report["goals"]] == [
+        "CPUExecutionProvider",
+        "answers",
+        ">=",
+        "batch",
+        "no",
+    ]

@@ -1,0 +1,130 @@
+"""`make` installs onnxruntime-gpu where nvidia-smi lists a GPU, onnxruntime elsewhere: one pin, never both."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import importlib.util
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+SCRIPT = REPO / "deploy" / "docker" / "requirements.py"
+EVERYTHING = ["serve", "train", "dev"]  # what `make venv` installs
+
+_spec = importlib.util.spec_from_file_location("requirements_script", SCRIPT)
+reqs = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(reqs)
+
+H200 = "GPU 0: NVIDIA H200 (UUID: GPU-5e1f0c1a-0000-0000-0000-000000000000)\n"
+
+
+@pytest.mark.parametrize(
+    ("device", "listing", "expected"),
+    [
+        ("auto", H200, "cuda"),
+        ("auto", H200 + H200.replace("GPU 0", "GPU 1"), "cuda"),
+        ("auto", "", "cpu"),  # no nvidia-smi, or it failed
+        ("auto", "No devices were found\n", "cpu"),
+        ("cpu", H200, "cpu"),  # the override wins both ways
+        ("cuda", "", "cuda"),
+    ],
+)
+def test_device_choice(device, listing, expected):
+    chosen, why = reqs.choose_device(device, listing)
+    assert chosen == expected and why.startswith(f"DEVICE={device}")
+
+
+def test_unknown_device_is_refused():
+    with pytest.raises(ValueError, match="DEVICE must be auto, cpu or cuda"):
+        reqs.choose_device("rocm", "")
+
+
+def as_dict(requirements: list[str]) -> dict[str, str]:
+    return {reqs.requirement_name(r): r.split("==")[1] for r in requirements}
+
+
+def test_each_device_gets_exactly_one_onnxruntime_of_the_one_pinned_version():
+    text = (REPO / "pyproject.toml").read_text()
+    assert len(re.findall(r'"onnxruntime(-gpu)?==', text)) == 1, "onnxruntime must be pinned in one place"
+    cpu = as_dict(reqs.requirements(REPO / "pyproject.toml", EVERYTHING, "onnxruntime"))
+    gpu = as_dict(reqs.requirements(REPO / "pyproject.toml", EVERYTHING, "onnxruntime-gpu"))
+    assert "onnxruntime-gpu" not in cpu and "onnxruntime" not in gpu
+    version = cpu.pop("onnxruntime")
+    assert gpu.pop("onnxruntime-gpu") == version
+    assert gpu == cpu  # nothing else differs
+    make_gpu = reqs.requirements(REPO / "pyproject.toml", EVERYTHING, reqs.DEVICE_REQUIREMENT["cuda"])
+    assert [r for r in make_gpu if r.startswith("onnxruntime")] == [f"onnxruntime-gpu[cuda,cudnn]=={version}"]
+    for extra in ("serve", "train"):  # both reach the pin through the `runtime` extra
+        assert "onnxruntime" in as_dict(reqs.requirements(REPO / "pyproject.toml", [extra]))
+
+
+def test_no_other_pinned_package_requires_a_distribution_named_onnxruntime():
+    """onnxruntime-gpu provides the module but not the pip name: a dependant would make `pip check` fail on GPU."""
+    checked = []
+    for requirement in reqs.requirements(REPO / "pyproject.toml", EVERYTHING):
+        name = reqs.requirement_name(requirement)
+        if name == "onnxruntime":
+            continue
+        try:
+            dist = importlib.metadata.distribution(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+        for dependency in dist.requires or []:
+            if "extra ==" in dependency:
+                continue
+            assert reqs.requirement_name(dependency) not in {"onnxruntime", "onnxruntime-gpu"}, (
+                f"{name} requires {dependency!r}: the GPU environment would fail pip check"
+            )
+        checked.append(name)
+    assert "tf2onnx" in checked and "tritonclient" in checked and len(checked) > 20
+
+
+def test_cli_prints_the_choice_and_the_gpu_set():
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(SCRIPT),
+            "--pyproject",
+            str(REPO / "pyproject.toml"),
+            "--extra",
+            "serve",
+            "--device",
+            "cuda",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    # With the CUDA 13 runtime and cuDNN as pip wheels: no system CUDA needed, only the driver.
+    assert "onnxruntime-gpu[cuda,cudnn]==" in done.stdout and "onnxruntime==" not in done.stdout
+    assert "onnxruntime distribution: onnxruntime-gpu[cuda,cudnn] (DEVICE=cuda" in done.stderr
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="no make")
+def test_makefile_records_the_choice_and_reinstalls_only_when_it_changes(tmp_path):
+    venv = tmp_path / "venv"
+    choice = venv / ".device"
+
+    def make(*args: str) -> str:
+        done = subprocess.run(
+            ["make", "--no-print-directory", f"VENV={venv}", *args], cwd=REPO, capture_output=True, text=True
+        )
+        assert done.returncode == 0, done.stderr
+        return done.stdout + done.stderr
+
+    out = make(str(choice), "DEVICE=cuda")
+    assert choice.read_text() == "cuda\n" and "onnxruntime distribution: onnxruntime-gpu" in out
+    before = choice.stat().st_mtime_ns
+    make(str(choice), "DEVICE=cuda")
+    assert choice.stat().st_mtime_ns == before  # same choice: the venv is not reinstalled
+    make(str(choice), "DEVICE=cpu")
+    assert choice.read_text() == "cpu\n"
+    # The install step (dry run): requirements for the recorded choice, the other distribution removed first.
+    plan = make("-n", "venv", "DEVICE=cpu")
+    assert "--device $(cat" in plan and "pip uninstall --quiet --yes onnxruntime onnxruntime-gpu" in plan
+    assert "pip check" in plan
