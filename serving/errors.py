@@ -22,6 +22,14 @@ class InvalidInput(ServingError):
     code = grpc.StatusCode.INVALID_ARGUMENT
 
 
+class InvalidReceipt(InvalidInput):
+    """A feedback receipt that cannot be scored; `outcome` names why (invalid, foreign_key, expired)."""
+
+    def __init__(self, outcome: str, message: str) -> None:
+        super().__init__(message)
+        self.outcome = outcome
+
+
 class ModelNotFound(ServingError):
     code = grpc.StatusCode.NOT_FOUND
 

@@ -16,10 +16,12 @@ from serving import metrics
 from serving.canary import Canary
 from serving.config import Settings
 from serving.errors import StartupError
+from serving.feedback import Feedback, ReceiptLedger
 from serving.protos import feedback_pb2, feedback_pb2_grpc
 from serving.protos import grpc_service_pb2 as pb
 from serving.protos import grpc_service_pb2_grpc as pb_grpc
 from serving.protos.pool import POOL
+from serving.receipts import ReceiptKey
 from serving.repository import ModelRepository
 from serving.runtime import CUDA
 from serving.servicer import FeedbackServicer, InferenceServicer, ServerState
@@ -58,8 +60,12 @@ class InferenceServer:
             ("grpc.so_reuseport", 1 if s.workers > 1 else 0),
         ]
         server = grpc.aio.server(options=options)
-        pb_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(self.repository, s, self.state), server)
-        feedback_pb2_grpc.add_FeedbackServiceServicer_to_server(FeedbackServicer(self.repository), server)
+        receipts = ReceiptKey.from_file(s.receipt_key_file, s.receipt_max_age_s)
+        feedback = Feedback(receipts, ReceiptLedger(s.feedback_capacity, s.receipt_max_age_s), self.repository.loaded)
+        pb_grpc.add_GRPCInferenceServiceServicer_to_server(
+            InferenceServicer(self.repository, s, self.state, receipts), server
+        )
+        feedback_pb2_grpc.add_FeedbackServiceServicer_to_server(FeedbackServicer(feedback), server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         services = (INFERENCE_SERVICE, FEEDBACK_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME)
         reflection.enable_server_reflection(services, server, pool=POOL)
