@@ -23,11 +23,12 @@ class InvalidInput(ServingError):
 
 
 class InvalidReceipt(InvalidInput):
-    """A feedback receipt that cannot be scored; `outcome` names why (invalid, foreign_key, expired)."""
+    """A feedback receipt that cannot be scored: `outcome` names why (invalid, foreign_key, expired);
+    `model` and `version` are the receipt's once its signature checked out, else empty."""
 
-    def __init__(self, outcome: str, message: str) -> None:
+    def __init__(self, outcome: str, message: str, model: str = "", version: str = "") -> None:
         super().__init__(message)
-        self.outcome = outcome
+        self.outcome, self.model, self.version = outcome, model, version
 
 
 class ModelNotFound(ServingError):

@@ -67,6 +67,8 @@ class ReceiptLedger:
                 "expired",
                 "receipt is older than the oldest this server still remembers for duplicate detection "
                 f"(--feedback-capacity {self.capacity} receipts)",
+                receipt.model,
+                receipt.version,
             )
         mask = counted.get(receipt.id)
         if mask is None:
@@ -116,23 +118,23 @@ class Feedback:
         """Score `labels[i]` for image `indexes[i]` of the receipt `token`; InvalidReceipt if it cannot be."""
         try:
             receipt = self.key.verify(token)
-        except InvalidReceipt as exc:  # content unauthenticated: counted without model and version
-            count("", "", exc.outcome, len(labels))
-            raise
-        try:
             if (model and model != receipt.model) or (version and version != receipt.version):
                 raise InvalidReceipt(
                     "invalid",
                     f"receipt is for model '{receipt.model}' version {receipt.version}, "
                     f"not '{model}' version '{version or 'any'}'",
+                    receipt.model,
+                    receipt.version,
                 )
             n = receipt.classes.size
             outside = [i for i in indexes if i >= n]
             if outside:
-                raise InvalidReceipt("invalid", f"index {outside[0]} is outside the receipt's {n} images")
+                raise InvalidReceipt(
+                    "invalid", f"index {outside[0]} is outside the receipt's {n} images", receipt.model, receipt.version
+                )
             fresh = self.ledger.claim(receipt, indexes)
-        except InvalidReceipt as exc:
-            count(receipt.model, receipt.version, exc.outcome, len(labels))
+        except InvalidReceipt as exc:  # a receipt that did not verify is counted without model and version
+            count(exc.model, exc.version, exc.outcome, len(labels))
             raise
         keep = np.flatnonzero(fresh)
         duplicate = len(labels) - keep.size

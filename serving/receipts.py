@@ -125,12 +125,16 @@ class ReceiptKey:
         version, at = _read_short(body, at)
         (n,) = _COUNT.unpack_from(body, at)
         classes = _unpack(body[at + _COUNT.size :], n)
+        receipt = Receipt(model.decode(), version.decode(), issued, classes, tag)
         age = (time.time() if now is None else now) - issued
         if age > self.max_age_s:
             raise InvalidReceipt(
-                "expired", f"receipt is {age:.0f}s old; the server scores labels up to {self.max_age_s:.0f}s old"
+                "expired",
+                f"receipt is {age:.0f}s old; the server scores labels up to {self.max_age_s:.0f}s old",
+                receipt.model,
+                receipt.version,
             )
-        return Receipt(model.decode(), version.decode(), issued, classes, tag)
+        return receipt
 
 
 def _short(data: bytes) -> bytes:
