@@ -31,6 +31,14 @@ class Settings(BaseSettings):
     max_queue_images: int = Field(
         8192, ge=1, description="Images allowed to wait per model version before RESOURCE_EXHAUSTED."
     )
+    max_inflight_bytes: int = Field(
+        32 << 20,
+        ge=1,
+        description="Request bytes handled at once per process; beyond it RESOURCE_EXHAUSTED (bounds memory).",
+    )
+    malloc_arena_max: int = Field(
+        2, ge=0, description="glibc malloc arenas per process (0: glibc's default of 8 per core); fewer hold less."
+    )
     inline_max_images: int = Field(
         8, ge=0, description="Batches up to this size run on the event loop, larger ones on a thread (0: all)."
     )

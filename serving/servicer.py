@@ -7,7 +7,7 @@ import time
 
 from serving import __version__, codec
 from serving.config import IMAGE_PIXELS, NUM_CLASSES, Settings
-from serving.errors import ServerDraining, grpc_errors, status_of
+from serving.errors import Overloaded, ServerDraining, grpc_errors, status_of
 from serving.feedback import Feedback
 from serving.metrics import IN_FLIGHT
 from serving.protos import feedback_pb2, feedback_pb2_grpc
@@ -34,6 +34,7 @@ class ServerState:
         self.draining = False
         self.in_flight = 0  # ModelInfer calls inside a handler: the drain waits for 0
         self.last_call = 0.0  # time.monotonic() of the latest ModelInfer, refused ones included
+        self.in_flight_bytes = 0  # serialized size of the ModelInfer requests inside a handler
 
 
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
@@ -112,11 +113,12 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         self.state.in_flight += 1
         self.state.last_call = time.monotonic()
         mv: ModelVersion | None = None
-        code, images = "OK", 0
+        code, images, size = "OK", 0, 0
         try:
             if self.state.draining:
                 raise ServerDraining("server is shutting down; retry on another replica")
             mv = self.repository.get(request.model_name, request.model_version)
+            size = self._admit(request, mv)
             decoded = codec.decode_infer_request(request, self.settings.max_batch_size)
             images = decoded.images.shape[0]
             remaining = context.time_remaining()
@@ -136,8 +138,22 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         finally:
             IN_FLIGHT.dec()
             self.state.in_flight -= 1
+            self.state.in_flight_bytes -= size
             if mv is not None:
                 mv.record_request(code, time.perf_counter() - start, images)
+
+    def _admit(self, request, mv: ModelVersion) -> int:
+        """Count the request's bytes in flight, or refuse it (before decoding copies it) when over the limit."""
+        size = request.ByteSize()
+        held = self.state.in_flight_bytes
+        if held and held + size > self.settings.max_inflight_bytes:  # one request alone is always admitted
+            mv.on_shed("inflight_bytes")
+            raise Overloaded(
+                f"server memory bound: {held >> 20} MiB of requests in flight, limit "
+                f"{self.settings.max_inflight_bytes >> 20} MiB; retry later"
+            )
+        self.state.in_flight_bytes = held + size
+        return size
 
 
 class FeedbackServicer(feedback_pb2_grpc.FeedbackServiceServicer):

@@ -25,7 +25,9 @@ def _free_port(host: str) -> int:
 
 def _child(settings: Settings) -> None:
     from serving.errors import StartupError
-    from serving.server import serve
+    from serving.server import limit_malloc_arenas, serve
+
+    limit_malloc_arenas(settings.malloc_arena_max)
 
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(process)d %(name)s: %(message)s"
