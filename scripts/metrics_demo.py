@@ -266,7 +266,7 @@ def ask_prometheus(prom: Prometheus, traffic: Traffic) -> tuple[dict, dict]:
         "canary_accuracy": f"mnist_serving_canary_accuracy{{{mv}}}",
         "requests_ok": 'sum(mnist_serving_requests_total{code="OK"})',
         "requests_failed": 'sum(mnist_serving_requests_total{code!="OK"}) or vector(0)',
-        "feedback_unknown": 'sum(mnist_serving_feedback_total{outcome="unknown"})',
+        "feedback_not_scored": 'sum(mnist_serving_feedback_total{outcome!~"correct|incorrect"}) or vector(0)',
         "firing_alerts": 'count(ALERTS{alertstate="firing"}) or vector(0)',
     }
     at_end = {"images_per_s", "requests_per_s"}
