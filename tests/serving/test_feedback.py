@@ -113,6 +113,26 @@ def test_ledger_forgets_expired_receipts_and_refuses_what_it_had_to_forget():
     assert len(ledger) == 2
 
 
+def test_labels_for_a_version_unloaded_since_are_still_counted():
+    """Late feedback after a hot-swap: the version that answered is gone, its counters still get the labels."""
+    from prometheus_client import REGISTRY
+
+    from serving.feedback import Feedback
+
+    key = ReceiptKey(KEY, 100)
+    feedback = Feedback(key, ReceiptLedger(10, 100), loaded=lambda model, version: None)
+    token = key.issue("gone-model", "7", np.array([1, 2, 3]))
+
+    def counted(outcome: str) -> float:
+        labels = {"model": "gone-model", "version": "7", "outcome": outcome}
+        return REGISTRY.get_sample_value("mnist_serving_feedback_total", labels) or 0.0
+
+    before = {o: counted(o) for o in ("correct", "incorrect", "duplicate")}
+    result = feedback.score(token, [0, 1, 2, 2], [1, 2, 9, 9])
+    assert (result.matched, result.correct, result.duplicate) == (3, 2, 1)
+    assert {o: counted(o) - before[o] for o in before} == {"correct": 2, "incorrect": 1, "duplicate": 1}
+
+
 def test_window_over_a_million_answers_is_the_last_size_answers():
     rng = np.random.default_rng(0)
     outcomes = rng.random(1_000_000) < 0.9
