@@ -35,8 +35,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a script from anywhere
 
 from bench.common import find_model, free_port  # noqa: E402
-from serving.client import infer_request, probabilities  # noqa: E402
-from serving.protos import feedback_pb2, feedback_pb2_grpc  # noqa: E402
+from serving.client import feedback_request, infer_request, probabilities, receipt_of  # noqa: E402
+from serving.protos import feedback_pb2_grpc  # noqa: E402
 from serving.protos import grpc_service_pb2_grpc as pb_grpc  # noqa: E402
 
 RULES = ROOT / "deploy" / "prometheus" / "rules.yml"
@@ -220,7 +220,7 @@ def send_traffic(url: str, x: np.ndarray, y: np.ndarray, seconds: float, sizes: 
             images, labels = x[offset : offset + n], y[offset : offset + n]
             offset += n
             by_parameter = t.requests % 2 == 0
-            request = infer_request(images, MODEL, request_id="" if by_parameter else f"demo-{t.requests}")
+            request = infer_request(images, MODEL)
             if by_parameter and n == 1:
                 request.parameters["label"].int64_param = int(labels[0])
             elif by_parameter:
@@ -233,16 +233,9 @@ def send_traffic(url: str, x: np.ndarray, y: np.ndarray, seconds: float, sizes: 
             if by_parameter:
                 t.labelled_by_parameter += n
             else:
-                reply = feedback(
-                    feedback_pb2.FeedbackRequest(
-                        model_name=MODEL,
-                        request_id=request.id,
-                        labels=[feedback_pb2.Label(index=i, label=int(v)) for i, v in enumerate(labels)],
-                    ),
-                    timeout=30,
-                )
+                reply = feedback(feedback_request(receipt_of(response), labels), timeout=30)
                 if reply.matched != n:
-                    raise RuntimeError(f"feedback for {request.id} matched {reply.matched} of {n} images")
+                    raise RuntimeError(f"feedback for request {t.requests} matched {reply.matched} of {n} images")
                 t.labelled_by_feedback += n
             t.requests += 1
             t.images += n
@@ -273,7 +266,7 @@ def ask_prometheus(prom: Prometheus, traffic: Traffic) -> tuple[dict, dict]:
         "canary_accuracy": f"mnist_serving_canary_accuracy{{{mv}}}",
         "requests_ok": 'sum(mnist_serving_requests_total{code="OK"})',
         "requests_failed": 'sum(mnist_serving_requests_total{code!="OK"}) or vector(0)',
-        "feedback_unknown": 'sum(mnist_serving_feedback_total{outcome="unknown"})',
+        "feedback_not_scored": 'sum(mnist_serving_feedback_total{outcome!~"correct|incorrect"}) or vector(0)',
         "firing_alerts": 'count(ALERTS{alertstate="firing"}) or vector(0)',
     }
     at_end = {"images_per_s", "requests_per_s"}

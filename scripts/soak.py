@@ -30,8 +30,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.common import find_model, free_port  # noqa: E402
-from serving.client import infer_request, probabilities  # noqa: E402
-from serving.protos import feedback_pb2, feedback_pb2_grpc  # noqa: E402
+from serving.client import feedback_request, infer_request, probabilities, receipt_of  # noqa: E402
+from serving.protos import feedback_pb2_grpc  # noqa: E402
 from serving.protos import grpc_service_pb2 as pb  # noqa: E402
 from serving.protos import grpc_service_pb2_grpc as pb_grpc  # noqa: E402
 from training.data import load_mnist, to_model_input  # noqa: E402
@@ -73,9 +73,9 @@ class Soak:
             except grpc.aio.AioRpcError as err:
                 self._error(kind, f"{err.code().name}: {err.details()}")
 
-    async def _infer(self, stub, n: int, datatype: str = "UINT8", request_id: str = "", labelled=False):
+    async def _infer(self, stub, n: int, datatype: str = "UINT8", labelled=False):
         lo = self.rng.randrange(0, len(self.images) - n)
-        request = infer_request(self.images[lo : lo + n], "mnist", datatype=datatype, request_id=request_id)
+        request = infer_request(self.images[lo : lo + n], "mnist", datatype=datatype)
         if labelled:
             request.parameters["labels"].string_param = ",".join(map(str, self.labels[lo : lo + n]))
         sent = time.monotonic()
@@ -84,7 +84,7 @@ class Soak:
         probs = probabilities(reply)
         if probs.shape != (n, 10) or not np.allclose(probs, self.expected[lo : lo + n], atol=1e-4):
             self._error("wrong_answer", f"{n} images from {lo}")
-        return lo
+        return lo, receipt_of(reply)
 
     async def _small(self, stub, _):
         await self._infer(stub, self.rng.randint(1, 8))
@@ -99,13 +99,9 @@ class Soak:
         await self._infer(stub, self.rng.randint(1, 16), labelled=True)
 
     async def _feedback(self, stub, feedback):
-        request_id = f"soak-{self.rng.getrandbits(64):x}"
         n = self.rng.randint(1, 8)
-        lo = await self._infer(stub, n, request_id=request_id)
-        labels = [feedback_pb2.Label(index=i, label=int(y)) for i, y in enumerate(self.labels[lo : lo + n])]
-        reply = await feedback.SendFeedback(
-            feedback_pb2.FeedbackRequest(model_name="mnist", request_id=request_id, labels=labels), timeout=30
-        )
+        lo, receipt = await self._infer(stub, n)
+        reply = await feedback.SendFeedback(feedback_request(receipt, self.labels[lo : lo + n]), timeout=30)
         if reply.matched != n:
             self._error("feedback", f"matched {reply.matched} of {n}")
 

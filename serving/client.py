@@ -13,6 +13,7 @@ import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from serving.config import IMAGE_PIXELS
+from serving.protos import feedback_pb2
 from serving.protos import grpc_service_pb2 as pb
 from serving.protos import grpc_service_pb2_grpc as pb_grpc
 
@@ -65,6 +66,20 @@ def probabilities(response: pb.ModelInferResponse) -> np.ndarray:
         if tensor.name == "probabilities":
             return np.frombuffer(raw, dtype="<f4").reshape(tuple(tensor.shape))
     raise ValueError("response has no 'probabilities' output")
+
+
+def receipt_of(response: pb.ModelInferResponse) -> str:
+    """The signed receipt of a response ('' if none): keep it to send the true labels later."""
+    return response.parameters["receipt"].string_param if "receipt" in response.parameters else ""
+
+
+def feedback_request(receipt: str, labels, indexes=None) -> feedback_pb2.FeedbackRequest:
+    """SendFeedback for an earlier response: `labels[i]` is the true class of image `indexes[i]` (default i)."""
+    indexes = range(len(labels)) if indexes is None else indexes
+    return feedback_pb2.FeedbackRequest(
+        receipt=receipt,
+        labels=[feedback_pb2.Label(index=int(i), label=int(v)) for i, v in zip(indexes, labels, strict=True)],
+    )
 
 
 def _say(line: str) -> None:

@@ -8,12 +8,14 @@ import numpy as np
 
 from serving.config import IMAGE_PIXELS, NUM_CLASSES
 from serving.errors import InvalidInput
+from serving.protos import feedback_pb2
 from serving.protos import grpc_service_pb2 as pb
 
 INPUT_NAME = "input"
 PROBABILITIES = "probabilities"
 PREDICTED_CLASS = "predicted_class"
 OUTPUT_NAMES = (PROBABILITIES, PREDICTED_CLASS)
+RECEIPT = "receipt"  # response parameter: the signed receipt that FeedbackService/SendFeedback takes
 ACCEPTED_SHAPES = f"[N,{IMAGE_PIXELS}] or [N,28,28]"
 _DTYPES = {"FP32": np.dtype("<f4"), "UINT8": np.dtype("u1")}
 
@@ -140,9 +142,17 @@ def _labels(request: pb.ModelInferRequest, n: int) -> np.ndarray | None:
 
 
 def encode_infer_response(
-    request: pb.ModelInferRequest, version: str, probabilities: np.ndarray, outputs: tuple[str, ...]
+    request: pb.ModelInferRequest,
+    version: str,
+    probabilities: np.ndarray,
+    outputs: tuple[str, ...],
+    receipt: str = "",
+    classes: np.ndarray | None = None,
 ) -> pb.ModelInferResponse:
-    """Build the response: every requested output as raw little-endian bytes (what tritonclient reads)."""
+    """Build the response: every requested output as raw little-endian bytes (what tritonclient reads).
+
+    `receipt` (receipts.ReceiptKey.issue) goes into the response parameter `receipt`; `classes` is
+    probabilities.argmax(axis=1) when the caller has it already."""
     n = probabilities.shape[0]
     tensors, raw = [], []
     for name in outputs:
@@ -151,11 +161,40 @@ def encode_infer_response(
             raw.append(np.ascontiguousarray(probabilities, dtype="<f4").tobytes())
         else:
             tensors.append(pb.ModelInferResponse.InferOutputTensor(name=name, datatype="INT64", shape=(n, 1)))
-            raw.append(probabilities.argmax(axis=1).astype("<i8").tobytes())
-    return pb.ModelInferResponse(
+            predicted = probabilities.argmax(axis=1) if classes is None else classes
+            raw.append(predicted.astype("<i8").tobytes())
+    response = pb.ModelInferResponse(
         model_name=request.model_name,
         model_version=version,
         id=request.id,
         outputs=tensors,
         raw_output_contents=raw,
     )
+    if receipt:
+        response.parameters[RECEIPT].string_param = receipt
+    return response
+
+
+@dataclass(slots=True)
+class DecodedFeedback:
+    """A validated FeedbackRequest."""
+
+    receipt: str
+    indexes: list[int]
+    labels: list[int]
+    model: str
+    version: str
+
+
+def decode_feedback_request(request: feedback_pb2.FeedbackRequest) -> DecodedFeedback:
+    """Validate a FeedbackRequest: a receipt and at least one (index, label 0-9)."""
+    if not request.receipt:
+        raise InvalidInput(f"receipt is required: the '{RECEIPT}' parameter of the earlier ModelInfer response")
+    if not request.labels:
+        raise InvalidInput("no labels: send (index, label) for the images whose true class is known")
+    indexes = [item.index for item in request.labels]
+    labels = [item.label for item in request.labels]
+    bad = [label for label in labels if not 0 <= label < NUM_CLASSES]
+    if bad:
+        raise InvalidInput(f"labels must be in 0-{NUM_CLASSES - 1}, got {bad[:5]}")
+    return DecodedFeedback(request.receipt, indexes, labels, request.model_name, request.model_version)

@@ -31,6 +31,14 @@ class Settings(BaseSettings):
     max_queue_images: int = Field(
         8192, ge=1, description="Images allowed to wait per model version before RESOURCE_EXHAUSTED."
     )
+    max_inflight_bytes: int = Field(
+        32 << 20,
+        ge=1,
+        description="Request bytes handled at once per process; beyond it RESOURCE_EXHAUSTED (bounds memory).",
+    )
+    malloc_arena_max: int = Field(
+        2, ge=0, description="glibc malloc arenas per process (0: glibc's default of 8 per core); fewer hold less."
+    )
     inline_max_images: int = Field(
         8, ge=0, description="Batches up to this size run on the event loop, larger ones on a thread (0: all)."
     )
@@ -92,10 +100,20 @@ class Settings(BaseSettings):
     verify_on_load: bool = Field(
         True, description="Refuse a version scoring >0.05 below its recorded test_accuracy (needs data_dir)."
     )
-    feedback_capacity: int = Field(
-        100_000, ge=1, description="Recent predictions kept for ground-truth feedback (bounded memory)."
+    receipt_key_file: Path | None = Field(
+        None,
+        description="HMAC key (>= 16 bytes) signing prediction receipts; share it across replicas. "
+        "None: a random key per server, receipts then verify only in that server.",
     )
-    accuracy_window: int = Field(1000, ge=1, description="Labelled answers in the sliding accuracy window.")
+    receipt_max_age_s: float = Field(
+        86_400.0, gt=0, description="Feedback for a receipt older than this is refused (INVALID_ARGUMENT)."
+    )
+    feedback_capacity: int = Field(
+        200_000, ge=1, description="Receipts remembered per process to refuse duplicate labels (bounded memory)."
+    )
+    accuracy_window: int = Field(
+        1000, ge=1, description="Labelled answers in this process's sliding accuracy window (the gauge)."
+    )
     tls_cert: Path | None = Field(None, description="PEM certificate chain; with tls_key enables TLS.")
     tls_key: Path | None = Field(None, description="PEM private key for tls_cert.")
     log_level: str = Field("INFO", description="Python logging level.")

@@ -24,6 +24,15 @@ class InvalidInput(ServingError):
     code = grpc.StatusCode.INVALID_ARGUMENT
 
 
+class InvalidReceipt(InvalidInput):
+    """A feedback receipt that cannot be scored: `outcome` names why (invalid, foreign_key, expired);
+    `model` and `version` are the receipt's once its signature checked out, else empty."""
+
+    def __init__(self, outcome: str, message: str, model: str = "", version: str = "") -> None:
+        super().__init__(message)
+        self.outcome, self.model, self.version = outcome, model, version
+
+
 class ModelNotFound(ServingError):
     code = grpc.StatusCode.NOT_FOUND
 

@@ -15,7 +15,7 @@ from serving import metrics
 from serving.batcher import Batcher
 from serving.config import Settings, parse_version_policy
 from serving.errors import ModelNotFound, ModelNotReady, StartupError
-from serving.feedback import AccuracyWindow, PredictionStore
+from serving.feedback import AccuracyWindow
 from serving.golden import TOLERANCE, accuracy, load_golden_set, short_of_recorded
 from serving.runtime import OnnxModel
 
@@ -60,7 +60,6 @@ class ModelVersion:
         self.load_seconds = time.perf_counter() - started
         self.provider = self.model.provider
         self.stats = Statistics()
-        self.predictions = PredictionStore(settings.feedback_capacity)
         self.window = AccuracyWindow(settings.accuracy_window)
         self.batcher = Batcher(
             self.model.run,
@@ -83,7 +82,8 @@ class ModelVersion:
         self._online.set(float("nan"))  # no labelled answer yet: 0 would read as 0% accurate
         self._ok = metrics.REQUESTS.labels(*labels, "OK")
         self._predicted = [metrics.PREDICTIONS.labels(*labels, str(c)) for c in range(10)]
-        self._feedback = {o: metrics.FEEDBACK.labels(*labels, o) for o in ("correct", "incorrect", "unknown")}
+        self._correct = metrics.FEEDBACK.labels(*labels, "correct")
+        self._incorrect = metrics.FEEDBACK.labels(*labels, "incorrect")
         metrics.PROVIDER.labels(*labels, self.provider).set(1)
         metrics.MODEL_LOAD.labels(*labels).set(self.load_seconds)
         if "test_accuracy" in self.metadata:
@@ -119,9 +119,8 @@ class ModelVersion:
             metrics.REQUESTS.labels(self.name, self.version, code).inc()
             self.stats.fail.add(seconds)
 
-    def record_answers(self, request_id: str, probs: np.ndarray, labels: np.ndarray | None) -> None:
-        """Drift signals for every answer; remember predictions for later feedback; score attached labels."""
-        classes = probs.argmax(axis=1)
+    def record_answers(self, probs: np.ndarray, classes: np.ndarray, labels: np.ndarray | None) -> None:
+        """Drift signals for every answer (`classes`: probs.argmax(axis=1)); score labels attached to it."""
         if classes.size == 1:
             self._predicted[int(classes[0])].inc()
             self._confidence.observe(float(probs[0, classes[0]]))
@@ -132,28 +131,13 @@ class ModelVersion:
             for p in probs.max(axis=1).tolist():
                 self._confidence.observe(p)
         if labels is not None:
-            self._score(classes == labels)
-        elif request_id:
-            self.predictions.put(request_id, classes.astype(np.int8))
+            self.score(classes == labels)
 
-    def feedback(self, request_id: str, labels: list[tuple[int, int]]) -> tuple[int, int, int]:
-        """Score (index, label) pairs for an earlier request: (matched, correct, unknown)."""
-        outcomes = []
-        for index, label in labels:
-            predicted = self.predictions.get(request_id, index)
-            if predicted is not None:
-                outcomes.append(predicted == label)
-        unknown = len(labels) - len(outcomes)
-        if unknown:
-            self._feedback["unknown"].inc(unknown)
-        if outcomes:
-            self._score(np.array(outcomes))
-        return len(outcomes), int(sum(outcomes)), unknown
-
-    def _score(self, correct: np.ndarray) -> None:
+    def score(self, correct: np.ndarray) -> None:
+        """Count labelled answers (True: the prediction was right) and update the window."""
         right = int(correct.sum())
-        self._feedback["correct"].inc(right)
-        self._feedback["incorrect"].inc(correct.size - right)
+        self._correct.inc(right)
+        self._incorrect.inc(correct.size - right)
         self.window.record(correct)
         self._online.set(self.window.accuracy)
 
@@ -224,6 +208,11 @@ class ModelRepository:
     @property
     def ready(self) -> bool:
         return any(self.models.values())
+
+    def loaded(self, name: str, version: str) -> ModelVersion | None:
+        """The loaded version `version` of `name`, or None (no error: for late feedback)."""
+        versions = self.models.get(name, {})
+        return versions.get(int(version)) if version.isascii() and version.isdigit() else None
 
     def versions(self) -> list[ModelVersion]:
         return [mv for versions in self.models.values() for mv in versions.values()]

@@ -7,12 +7,14 @@ import time
 
 from serving import __version__, codec
 from serving.config import IMAGE_PIXELS, NUM_CLASSES, Settings
-from serving.errors import InvalidInput, ServerDraining, grpc_errors, status_of
+from serving.errors import Overloaded, ServerDraining, grpc_errors, status_of
+from serving.feedback import Feedback
 from serving.metrics import IN_FLIGHT
 from serving.protos import feedback_pb2, feedback_pb2_grpc
 from serving.protos import grpc_service_pb2 as pb
 from serving.protos import grpc_service_pb2_grpc as pb_grpc
 from serving.protos import model_config_pb2 as mc
+from serving.receipts import ReceiptKey
 from serving.repository import Duration, ModelRepository, ModelVersion
 
 SERVER_NAME = "mnist-serving"
@@ -32,15 +34,19 @@ class ServerState:
         self.draining = False  # SIGTERM received: not ready (health NOT_SERVING), still answering
         self.refusing = False  # the drain's last moments: new calls get UNAVAILABLE with a retry pushback
         self.last_call = 0.0  # time.monotonic() of the latest ModelInfer, refused ones included
+        self.in_flight_bytes = 0  # serialized size of the ModelInfer requests inside a handler
 
 
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     """`inference.GRPCInferenceService`, as Triton and KServe define it."""
 
-    def __init__(self, repository: ModelRepository, settings: Settings, state: ServerState) -> None:
+    def __init__(
+        self, repository: ModelRepository, settings: Settings, state: ServerState, receipts: ReceiptKey
+    ) -> None:
         self.repository = repository
         self.settings = settings
         self.state = state
+        self.receipts = receipts
 
     async def ServerLive(self, request, context):
         return pb.ServerLiveResponse(live=True)
@@ -106,18 +112,22 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         IN_FLIGHT.inc()
         self.state.last_call = time.monotonic()
         mv: ModelVersion | None = None
-        code, images = "OK", 0
+        code, images, size = "OK", 0, 0
         try:
             if self.state.refusing:
                 raise ServerDraining("server is shutting down; retry on another replica")
             mv = self.repository.get(request.model_name, request.model_version)
+            size = self._admit(request, mv)
             decoded = codec.decode_infer_request(request, self.settings.max_batch_size)
             images = decoded.images.shape[0]
             remaining = context.time_remaining()
             deadline = None if remaining is None else time.monotonic() + remaining
             probs = await mv.batcher.infer(decoded.images, deadline)
-            mv.record_answers(request.id, probs, decoded.labels)
-            return codec.encode_infer_response(request, mv.version, probs, decoded.outputs)
+            classes = probs.argmax(axis=1)
+            mv.record_answers(probs, classes, decoded.labels)
+            # Labels attached to the request are scored already: no receipt to score them again.
+            receipt = "" if decoded.labels is not None else self.receipts.issue(mv.name, mv.version, classes)
+            return codec.encode_infer_response(request, mv.version, probs, decoded.outputs, receipt, classes)
         except asyncio.CancelledError:
             code = "CANCELLED"
             raise
@@ -126,27 +136,35 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             raise
         finally:
             IN_FLIGHT.dec()
+            self.state.in_flight_bytes -= size
             if mv is not None:
                 mv.record_request(code, time.perf_counter() - start, images)
 
+    def _admit(self, request, mv: ModelVersion) -> int:
+        """Count the request's bytes in flight, or refuse it (before decoding copies it) when over the limit."""
+        size = request.ByteSize()
+        held = self.state.in_flight_bytes
+        if held and held + size > self.settings.max_inflight_bytes:  # one request alone is always admitted
+            mv.on_shed("inflight_bytes")
+            raise Overloaded(
+                f"server memory bound: {held >> 20} MiB of requests in flight, limit "
+                f"{self.settings.max_inflight_bytes >> 20} MiB; retry later"
+            )
+        self.state.in_flight_bytes = held + size
+        return size
+
 
 class FeedbackServicer(feedback_pb2_grpc.FeedbackServiceServicer):
-    """Ground truth for earlier answers, by request id and position in the batch (online accuracy)."""
+    """Ground truth for earlier answers, scored against their signed receipts (online accuracy)."""
 
-    def __init__(self, repository: ModelRepository) -> None:
-        self.repository = repository
+    def __init__(self, feedback: Feedback) -> None:
+        self.feedback = feedback
 
     @grpc_errors
     async def SendFeedback(self, request, context):
-        mv = self.repository.get(request.model_name, request.model_version)
-        labels = [(item.index, item.label) for item in request.labels]
-        bad = [label for _, label in labels if not 0 <= label < NUM_CLASSES]
-        if bad:
-            raise InvalidInput(f"labels must be in 0-{NUM_CLASSES - 1}, got {bad[:5]}")
-        if not request.request_id:
-            raise InvalidInput("request_id is required: the id of the earlier ModelInfer request")
-        matched, correct, unknown = mv.feedback(request.request_id, labels)
-        return feedback_pb2.FeedbackResponse(matched=matched, correct=correct, unknown=unknown)
+        f = codec.decode_feedback_request(request)
+        result = self.feedback.score(f.receipt, f.indexes, f.labels, f.model, f.version)
+        return feedback_pb2.FeedbackResponse(matched=result.matched, correct=result.correct, duplicate=result.duplicate)
 
 
 def model_config(mv: ModelVersion, settings: Settings) -> mc.ModelConfig:

@@ -25,7 +25,9 @@ def _free_port(host: str) -> int:
 
 def _child(settings: Settings) -> None:
     from serving.errors import StartupError
-    from serving.server import serve
+    from serving.server import limit_malloc_arenas, serve
+
+    limit_malloc_arenas(settings.malloc_arena_max)
 
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(process)d %(name)s: %(message)s"
@@ -47,6 +49,16 @@ def run_workers(settings: Settings) -> int:
     # Children are spawned (fresh interpreters), so they create their metrics in multiprocess mode.
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = prom_dir
     child_settings = settings.model_copy(update={"grpc_port": port})
+    if settings.receipt_key_file is None:
+        # One random key for all workers, so a receipt from one verifies in the others.
+        fd, key_path = tempfile.mkstemp(prefix="mnist-serving-receipt-key-")
+        os.write(fd, os.urandom(32))
+        os.close(fd)
+        child_settings.receipt_key_file = Path(key_path)
+        log.warning(
+            "no --receipt-key-file: the workers share a random receipt key made now; receipts verify only in "
+            "this server (not in other replicas, not after a restart)"
+        )
     ctx = multiprocessing.get_context("spawn")
     children = [ctx.Process(target=_child, args=(child_settings,), name=f"worker-{i}") for i in range(settings.workers)]
 
@@ -88,4 +100,6 @@ def run_workers(settings: Settings) -> int:
         multiprocess.mark_process_dead(child.pid)
         if child.exitcode:
             exit_code = 1
+    if settings.receipt_key_file is None:
+        child_settings.receipt_key_file.unlink(missing_ok=True)
     return exit_code

@@ -25,19 +25,19 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _pool.POOL.AddSerializedFile(b'\n\x0e\x66\x65\x65\x64\x62\x61\x63k.proto\x12\x11mnist.feedback.v1\"z\n\x0f\x46\x65\x65\x64\x62\x61\x63kRequest\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12\x12\n\nrequest_id\x18\x03 \x01(\t\x12(\n\x06labels\x18\x04 \x03(\x0b\x32\x18.mnist.feedback.v1.Label\"%\n\x05Label\x12\r\n\x05index\x18\x01 \x01(\r\x12\r\n\x05label\x18\x02 \x01(\x05\"E\n\x10\x46\x65\x65\x64\x62\x61\x63kResponse\x12\x0f\n\x07matched\x18\x01 \x01(\r\x12\x0f\n\x07\x63orrect\x18\x02 \x01(\r\x12\x0f\n\x07unknown\x18\x03 \x01(\r2l\n\x0f\x46\x65\x65\x64\x62\x61\x63kService\x12Y\n\x0cSendFeedback\x12\".mnist.feedback.v1.FeedbackRequest\x1a#.mnist.feedback.v1.FeedbackResponse\"\x00\x62\x06proto3')
+DESCRIPTOR = _pool.POOL.AddSerializedFile(b'\n\x0e\x66\x65\x65\x64\x62\x61\x63k.proto\x12\x11mnist.feedback.v1\"\x89\x01\n\x0f\x46\x65\x65\x64\x62\x61\x63kRequest\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12(\n\x06labels\x18\x04 \x03(\x0b\x32\x18.mnist.feedback.v1.Label\x12\x0f\n\x07receipt\x18\x05 \x01(\tJ\x04\x08\x03\x10\x04R\nrequest_id\"%\n\x05Label\x12\r\n\x05index\x18\x01 \x01(\r\x12\r\n\x05label\x18\x02 \x01(\x05\"V\n\x10\x46\x65\x65\x64\x62\x61\x63kResponse\x12\x0f\n\x07matched\x18\x01 \x01(\r\x12\x0f\n\x07\x63orrect\x18\x02 \x01(\r\x12\x11\n\tduplicate\x18\x04 \x01(\rJ\x04\x08\x03\x10\x04R\x07unknown2l\n\x0f\x46\x65\x65\x64\x62\x61\x63kService\x12Y\n\x0cSendFeedback\x12\".mnist.feedback.v1.FeedbackRequest\x1a#.mnist.feedback.v1.FeedbackResponse\"\x00\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'feedback_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FEEDBACKREQUEST']._serialized_start=37
-  _globals['_FEEDBACKREQUEST']._serialized_end=159
-  _globals['_LABEL']._serialized_start=161
-  _globals['_LABEL']._serialized_end=198
-  _globals['_FEEDBACKRESPONSE']._serialized_start=200
-  _globals['_FEEDBACKRESPONSE']._serialized_end=269
-  _globals['_FEEDBACKSERVICE']._serialized_start=271
-  _globals['_FEEDBACKSERVICE']._serialized_end=379
+  _globals['_FEEDBACKREQUEST']._serialized_start=38
+  _globals['_FEEDBACKREQUEST']._serialized_end=175
+  _globals['_LABEL']._serialized_start=177
+  _globals['_LABEL']._serialized_end=214
+  _globals['_FEEDBACKRESPONSE']._serialized_start=216
+  _globals['_FEEDBACKRESPONSE']._serialized_end=302
+  _globals['_FEEDBACKSERVICE']._serialized_start=304
+  _globals['_FEEDBACKSERVICE']._serialized_end=412
 # @@protoc_insertion_point(module_scope)

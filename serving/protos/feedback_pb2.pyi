@@ -7,16 +7,16 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class FeedbackRequest(_message.Message):
-    __slots__ = ("model_name", "model_version", "request_id", "labels")
+    __slots__ = ("model_name", "model_version", "labels", "receipt")
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
-    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     LABELS_FIELD_NUMBER: _ClassVar[int]
+    RECEIPT_FIELD_NUMBER: _ClassVar[int]
     model_name: str
     model_version: str
-    request_id: str
     labels: _containers.RepeatedCompositeFieldContainer[Label]
-    def __init__(self, model_name: _Optional[str] = ..., model_version: _Optional[str] = ..., request_id: _Optional[str] = ..., labels: _Optional[_Iterable[_Union[Label, _Mapping]]] = ...) -> None: ...
+    receipt: str
+    def __init__(self, model_name: _Optional[str] = ..., model_version: _Optional[str] = ..., labels: _Optional[_Iterable[_Union[Label, _Mapping]]] = ..., receipt: _Optional[str] = ...) -> None: ...
 
 class Label(_message.Message):
     __slots__ = ("index", "label")
@@ -27,11 +27,11 @@ class Label(_message.Message):
     def __init__(self, index: _Optional[int] = ..., label: _Optional[int] = ...) -> None: ...
 
 class FeedbackResponse(_message.Message):
-    __slots__ = ("matched", "correct", "unknown")
+    __slots__ = ("matched", "correct", "duplicate")
     MATCHED_FIELD_NUMBER: _ClassVar[int]
     CORRECT_FIELD_NUMBER: _ClassVar[int]
-    UNKNOWN_FIELD_NUMBER: _ClassVar[int]
+    DUPLICATE_FIELD_NUMBER: _ClassVar[int]
     matched: int
     correct: int
-    unknown: int
-    def __init__(self, matched: _Optional[int] = ..., correct: _Optional[int] = ..., unknown: _Optional[int] = ...) -> None: ...
+    duplicate: int
+    def __init__(self, matched: _Optional[int] = ..., correct: _Optional[int] = ..., duplicate: _Optional[int] = ...) -> None: ...

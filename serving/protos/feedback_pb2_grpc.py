@@ -45,7 +45,8 @@ class FeedbackServiceServicer:
     """Missing associated documentation comment in .proto file."""
 
     def SendFeedback(self, request, context):
-        """Report the true labels for (part of) an earlier inference request.
+        """Report the true labels for (part of) an earlier inference request. INVALID_ARGUMENT for a receipt that
+        is malformed, altered, signed with another key or expired, or an index outside it.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -375,6 +375,41 @@ def check_sync() -> None:
         raise CheckError(proc.stderr.strip())
 
 
+# ---------------------------------------------------------------- receipt key
+
+
+RECEIPT_KEY_ENV = "SERVING_RECEIPT_KEY_FILE"
+
+
+def check_receipt_key(objects: list[dict]) -> str:
+    """The server reads its receipt key from a read-only Secret volume that every pod mounts (shared key)."""
+    deployment = find_object(objects, "Deployment", "mnist-serving")
+    spec = deployment["spec"]["template"]["spec"]
+    (container,) = [c for c in spec["containers"] if c["name"] == "server"]
+    env: dict[str, str] = {}
+    for source in container.get("envFrom", []):
+        env.update(find_object(objects, "ConfigMap", source["configMapRef"]["name"]).get("data", {}))
+    env.update({e["name"]: e.get("value", "") for e in container.get("env", [])})
+    path = env.get(RECEIPT_KEY_ENV)
+    if not path:
+        raise CheckError(f"the server container has no {RECEIPT_KEY_ENV}: replicas would not share a receipt key")
+    file = Path(path)
+    mounts = [m for m in container.get("volumeMounts", []) if file.parent == Path(m["mountPath"])]
+    if len(mounts) != 1:
+        raise CheckError(f"{RECEIPT_KEY_ENV}={path} is not directly under one volumeMount of the server")
+    mount = mounts[0]
+    if not mount.get("readOnly") or "subPath" in mount:
+        raise CheckError(f"the receipt key mount {mount['mountPath']} must be readOnly and without subPath")
+    volume = next((v for v in spec.get("volumes", []) if v["name"] == mount["name"]), {})
+    secret = volume.get("secret")
+    if not secret or not secret.get("secretName") or secret.get("optional"):
+        raise CheckError(f"volume {mount['name']} (receipt key) must be a non-optional Secret")
+    items = {item["path"]: item["key"] for item in secret.get("items", [])}
+    if file.name not in items:
+        raise CheckError(f"Secret volume {mount['name']} does not project {file.name} (items: {sorted(items)})")
+    return f"{secret['secretName']}/{items[file.name]} at {path}"
+
+
 # ---------------------------------------------------------------- CLI
 
 
@@ -411,6 +446,9 @@ def _steps(out_dir: Path | None) -> list[tuple[str, Callable[[], str]]]:
         check_metric_names()
         return f"rules, dashboard and adapter use only the {len(serving_metrics())} server metrics"
 
+    def receipt_key() -> str:
+        return "; ".join(f"{name}: {check_receipt_key(rendered[name])}" for name in ("cpu", "gpu"))
+
     def lint() -> str:
         check_hadolint()
         return f"hadolint: {', '.join(p.name for p in dockerfiles())}"
@@ -421,6 +459,7 @@ def _steps(out_dir: Path | None) -> list[tuple[str, Callable[[], str]]]:
         ("copies", rule_copy),
         ("promtool", prom),
         ("metrics", names),
+        ("receipt key", receipt_key),
         ("hadolint", lint),
     ]
 

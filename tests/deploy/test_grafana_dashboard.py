@@ -46,8 +46,11 @@ def test_dashboard_covers_latency_throughput_batching_errors_accuracy_provider()
     for part in ("request", "queue", "compute"):
         assert f"mnist_serving_{part}_duration_seconds_bucket" in used
     for name in ("requests_total", "images_total", "batch_size_bucket", "requests_in_flight",
-                 "online_accuracy", "offline_accuracy", "canary_accuracy", "execution_provider_info"):  # fmt: skip
+                 "offline_accuracy", "canary_accuracy", "execution_provider_info"):  # fmt: skip
         assert f"mnist_serving_{name}" in used, name
+    # Online accuracy of all replicas (feedback counters), not one process's window gauge.
+    assert "mnist_serving:online_accuracy:ratio30m" in used
+    assert "mnist_serving_online_accuracy" not in used
     exprs = "\n".join(k8s_check.dashboard_exprs())
     for q in ("0.5", "0.9", "0.99"):
         assert f"histogram_quantile({q}, sum by (le) (rate(mnist_serving_request_duration_seconds_bucket" in exprs

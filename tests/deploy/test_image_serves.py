@@ -8,6 +8,7 @@ image's set, where `--require-gpu` must refuse to start rather than serve on the
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -73,12 +74,24 @@ def start(argv: list[str], env: dict, cwd: Path, log: Path) -> subprocess.Popen:
 
 
 @pytest.fixture
-def pod(tmp_path, trained_repository) -> dict[str, Path]:
-    """The pod's filesystem: a fresh emptyDir at /tmp, the model volume at /models, the image's MNIST cache."""
+def pod(tmp_path, trained_repository, rendered) -> dict[str, Path]:
+    """The pod's filesystem: a fresh emptyDir at /tmp, the model volume at /models, the image's MNIST cache, and
+    every Secret volume of the pod with its items (random bytes, as `kubectl create secret` would hold)."""
     tmp = tmp_path / "emptydir"
     tmp.mkdir()
     models = Path(shutil.copytree(trained_repository, tmp_path / "models"))
-    return {"/tmp": tmp, "/models": models, "/opt/mnist-data": image_venv.REPO / "data"}
+    paths = {"/tmp": tmp, "/models": models, "/opt/mnist-data": image_venv.REPO / "data"}
+    deployment, server = container(rendered["cpu"])
+    volumes = {v["name"]: v for v in deployment["spec"]["template"]["spec"]["volumes"]}
+    for mount in server["volumeMounts"]:
+        secret = volumes[mount["name"]].get("secret")
+        if secret is not None:
+            directory = tmp_path / "secrets" / mount["name"]
+            directory.mkdir(parents=True)
+            for item in secret.get("items", [{"path": "key"}]):
+                (directory / item["path"]).write_bytes(os.urandom(32))
+            paths[mount["mountPath"]] = directory
+    return paths
 
 
 def test_cpu_overlay_serves_from_the_image_dependency_set(rendered, image_python, pod, mnist_data):

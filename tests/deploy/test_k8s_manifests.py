@@ -392,3 +392,43 @@ def test_model_store_names_a_storage_class(rendered):
     (claim,) = [o for o in rendered["training"] if o["kind"] == "PersistentVolumeClaim"]
     assert claim["spec"]["accessModes"] == ["ReadWriteMany"]
     assert claim["spec"].get("storageClassName"), "no class: Pending on most clouds' ReadWriteOnce defaults"
+
+
+@pytest.mark.parametrize("name", SERVING)
+def test_every_pod_mounts_the_shared_receipt_key(rendered, name, effective_settings):
+    objects = rendered[name]
+    assert "mnist-serving-receipt-key/key" in k8s_check.check_receipt_key(objects)
+    key_file = effective_settings(objects).receipt_key_file
+    assert key_file is not None and key_file.is_absolute()
+
+
+def test_receipt_key_check_rejects_a_pod_without_the_shared_key(rendered):
+    def broken(change) -> list[dict]:
+        objects = copy.deepcopy(rendered["cpu"])
+        change(objects)
+        return objects
+
+    def no_env(objects):
+        for o in objects:
+            if o["kind"] == "ConfigMap" and "SERVING_RECEIPT_KEY_FILE" in o.get("data", {}):
+                del o["data"]["SERVING_RECEIPT_KEY_FILE"]
+
+    def other_dir(objects):
+        server(objects).setdefault("env", []).append({"name": "SERVING_RECEIPT_KEY_FILE", "value": "/tmp/key"})
+
+    def writable(objects):
+        for m in server(objects)["volumeMounts"]:
+            m.pop("readOnly", None)
+
+    def optional(objects):
+        for v in pod_spec(objects)["volumes"]:
+            if "secret" in v:
+                v["secret"]["optional"] = True
+
+    def no_secret(objects):
+        spec = pod_spec(objects)
+        spec["volumes"] = [v if "secret" not in v else {"name": v["name"], "emptyDir": {}} for v in spec["volumes"]]
+
+    for change in (no_env, other_dir, writable, optional, no_secret):
+        with pytest.raises(CheckError):
+            k8s_check.check_receipt_key(broken(change))

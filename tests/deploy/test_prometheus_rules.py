@@ -60,9 +60,11 @@ def test_rules_name_only_exported_metrics():
     exprs = [rule["expr"] for rule in k8s_check.rules()]
     assert not k8s_check.unknown_metrics(exprs)
     used = {name for expr in exprs for name in k8s_check.promql_metric_names(expr)}
-    for name in ("request_duration_seconds_bucket", "requests_total", "online_accuracy", "canary_accuracy",
+    for name in ("request_duration_seconds_bucket", "requests_total", "feedback_total", "canary_accuracy",
                  "gpu_required", "execution_provider_info"):  # fmt: skip
         assert f"mnist_serving_{name}" in used
+    # Online accuracy from the counters of all replicas, not one process's window gauge.
+    assert "mnist_serving_online_accuracy" not in used
 
 
 def test_unknown_metric_names_are_caught():

@@ -9,7 +9,7 @@ from pathlib import Path
 import grpc
 from prometheus_client.parser import text_string_to_metric_families
 
-from serving.protos import feedback_pb2, feedback_pb2_grpc
+from serving.protos import feedback_pb2_grpc
 from serving.protos import grpc_service_pb2_grpc as pb_grpc
 
 GOLDEN = 1000  # canary images in these tests
@@ -70,16 +70,6 @@ def stubs(url: str, own_connection: bool = False):
         options.append(("grpc.use_local_subchannel_pool", 1))
     channel = grpc.insecure_channel(url, options=options)
     return channel, pb_grpc.GRPCInferenceServiceStub(channel), feedback_pb2_grpc.FeedbackServiceStub(channel)
-
-
-def feedback_request(request_id: str, labels, model: str = "mnist", version: str = "") -> feedback_pb2.FeedbackRequest:
-    """Ground truth for every image of an earlier request, in order (index i gets labels[i])."""
-    return feedback_pb2.FeedbackRequest(
-        model_name=model,
-        model_version=version,
-        request_id=request_id,
-        labels=[feedback_pb2.Label(index=i, label=int(v)) for i, v in enumerate(labels)],
-    )
 
 
 def in_process_accuracy(model_path: Path, mnist_data, images: int = GOLDEN) -> float:

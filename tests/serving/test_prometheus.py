@@ -51,7 +51,7 @@ def test_prometheus_accuracy_equals_what_the_client_knows(demo, trained_reposito
     model = trained_repository / "mnist" / "1" / "model.onnx"
     assert prom["canary_accuracy"] == in_process_accuracy(model, mnist_data)
     assert prom["requests_ok"] == client["requests"]
-    assert prom["requests_failed"] == 0 and prom["feedback_unknown"] == 0
+    assert prom["requests_failed"] == 0 and prom["feedback_not_scored"] == 0  # no refused or duplicate label
     assert prom["images_per_s"] > 0
 
 

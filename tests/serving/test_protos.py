@@ -203,8 +203,8 @@ def test_feedback_contract():
     request = feedback_pb2.FeedbackRequest(
         model_name="mnist",
         model_version="2",
-        request_id="req-7",
         labels=[feedback_pb2.Label(index=1, label=-1)],
+        receipt="AQID",
     )
     parsed = feedback_pb2.FeedbackRequest.FromString(request.SerializeToString())
     assert parsed.labels[0].label == -1
@@ -213,9 +213,9 @@ def test_feedback_contract():
         for message in ("FeedbackRequest", "Label", "FeedbackResponse")
     }
     assert numbers == {
-        "FeedbackRequest": {"model_name": 1, "model_version": 2, "request_id": 3, "labels": 4},
+        "FeedbackRequest": {"model_name": 1, "model_version": 2, "labels": 4, "receipt": 5},
         "Label": {"index": 1, "label": 2},
-        "FeedbackResponse": {"matched": 1, "correct": 2, "unknown": 3},
+        "FeedbackResponse": {"matched": 1, "correct": 2, "duplicate": 4},
     }
 
 

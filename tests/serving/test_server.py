@@ -12,7 +12,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
-from serving.protos import feedback_pb2, feedback_pb2_grpc
+from serving.protos import feedback_pb2_grpc
 from serving.protos import grpc_service_pb2 as pb
 from serving.protos import grpc_service_pb2_grpc as pb_grpc
 
@@ -226,26 +226,16 @@ def test_health_per_service_and_reflection(server):
 
 
 def test_feedback_rpc(server, mnist_data, stub):
-    from serving.client import infer_request, probabilities
+    from serving.client import feedback_request, infer_request, probabilities, receipt_of
 
     images, labels = mnist_data.x_test[:20], mnist_data.y_test[:20]
-    predicted = probabilities(stub.ModelInfer(infer_request(images, "mnist", request_id="fb-1"))).argmax(1)
+    response = stub.ModelInfer(infer_request(images, "mnist"))
+    predicted = probabilities(response).argmax(1)
     with grpc.insecure_channel(server.url) as channel:
         feedback = feedback_pb2_grpc.FeedbackServiceStub(channel)
-        request = feedback_pb2.FeedbackRequest(
-            model_name="mnist",
-            request_id="fb-1",
-            labels=[feedback_pb2.Label(index=i, label=int(y)) for i, y in enumerate(labels)]
-            + [feedback_pb2.Label(index=99, label=1)],
-        )
-        reply = feedback.SendFeedback(request, timeout=5)
-        assert (reply.matched, reply.correct, reply.unknown) == (20, int((predicted == labels).sum()), 1)
-        unknown = feedback.SendFeedback(
-            feedback_pb2.FeedbackRequest(model_name="mnist", request_id="never-sent", labels=[{"index": 0, "label": 3}])
-        )
-        assert (unknown.matched, unknown.unknown) == (0, 1)
-        with pytest.raises(grpc.RpcError) as err:
-            feedback.SendFeedback(
-                feedback_pb2.FeedbackRequest(model_name="mnist", request_id="fb-1", labels=[{"index": 0, "label": 10}])
-            )
-        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        reply = feedback.SendFeedback(feedback_request(receipt_of(response), labels), timeout=5)
+        assert (reply.matched, reply.correct, reply.duplicate) == (20, int((predicted == labels).sum()), 0)
+        for bad in (feedback_request(receipt_of(response), [10]), feedback_request("not-a-receipt", [3])):
+            with pytest.raises(grpc.RpcError) as err:
+                feedback.SendFeedback(bad, timeout=5)
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
