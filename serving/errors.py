@@ -47,7 +47,7 @@ class ServerDraining(ServingError):
     code = grpc.StatusCode.UNAVAILABLE
     # gRPC's server pushback (gRFC A6): a client's retry policy waits this long before its retry, by which
     # time this server has sent GOAWAY and the retry goes to a new connection (another replica).
-    RETRY_PUSHBACK_MS = 500
+    RETRY_PUSHBACK_MS = 1000
     trailers = (("grpc-retry-pushback-ms", str(RETRY_PUSHBACK_MS)),)
 
 

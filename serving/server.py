@@ -38,7 +38,7 @@ SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 # The drain's last phase refuses calls (with a retry pushback) until none has arrived for this long, then
 # sends GOAWAY: clients are then waiting out the pushback, so no call is caught half-way in gRPC's queue.
-REFUSE_QUIET_S = 0.1
+REFUSE_QUIET_S = 0.25
 # ... but never longer than this (a client without a retry policy would keep calling).
 REFUSE_MAX_S = 2.0
 _M_ARENA_MAX = -8  # glibc malloc.h

@@ -103,6 +103,7 @@ async def test_sigterm_on_one_of_two_replicas_fails_no_call(trained_repository, 
             await load.finish()
             for ch in channels:
                 await ch.close()
+            connections = dict(balancer.connections)
     finally:
         load.stop.set()
         a.stop(signal.SIGKILL)
@@ -116,7 +117,7 @@ async def test_sigterm_on_one_of_two_replicas_fails_no_call(trained_repository, 
         "a_answered_before_signal": before,
         "a_exit_code": code,
         "a_exit_s": round(exited, 2),
-        "balancer_connections": dict(balancer.connections),
+        "balancer_connections": connections,
         "answered_during_drain": answered_during_drain,
     }
     report("rollout_sigterm", result)
@@ -150,6 +151,7 @@ async def test_a_new_replica_gets_a_fair_share_of_a_long_lived_client(trained_re
                 await asyncio.sleep(8)
                 a1, b1 = answered(a), answered(b)
                 await load.finish()
+                connections = dict(balancer.connections)
     finally:
         load.stop.set()
         a.stop()
@@ -161,7 +163,7 @@ async def test_a_new_replica_gets_a_fair_share_of_a_long_lived_client(trained_re
         "failed": load.failed(),
         "b_first_call_after_s": round(first_call_s, 2),
         "b_share_next_8s": round(share, 3),
-        "balancer_connections": dict(balancer.connections),
+        "balancer_connections": connections,
     }
     report("scale_out", result)
     assert load.failed() == {}, result
