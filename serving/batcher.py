@@ -19,11 +19,12 @@ log = logging.getLogger(__name__)
 
 
 class BatchObserver(Protocol):
-    """Receives what the batcher measured (metrics and statistics live elsewhere)."""
+    """Receives what the batcher measured per run (metrics and statistics live elsewhere).
 
-    def on_queue_wait(self, seconds: float) -> None: ...
+    `on_batch`: images and requests in one onnxruntime run, its duration, and the time spent joining the
+    requests' inputs (`input_s`) and handing each its slice of the output (`output_s`)."""
 
-    def on_batch(self, images: int, requests: int, seconds: float) -> None: ...
+    def on_batch(self, images: int, requests: int, seconds: float, input_s: float, output_s: float) -> None: ...
 
     def on_shed(self, reason: str) -> None: ...
 
@@ -77,8 +78,9 @@ class Batcher:
     def busy(self) -> bool:
         return self._worker is not None
 
-    async def infer(self, images: np.ndarray, deadline: float | None = None) -> np.ndarray:
-        """Probabilities for `images`, computed in whichever batch they land in."""
+    async def infer(self, images: np.ndarray, deadline: float | None = None) -> tuple[np.ndarray, float, float]:
+        """(probabilities, seconds queued, seconds of the run) for `images`, computed in whichever batch they
+        land in (the run time is the whole batch's: every request in it waited for all of it)."""
         n = images.shape[0]
         if self._queued_images + n > self._max_queued:
             self._observer.on_shed("queue_full")
@@ -96,15 +98,15 @@ class Batcher:
             self._worker = asyncio.create_task(self._work())
         return await future
 
-    def _run_now(self, images: np.ndarray) -> np.ndarray:
+    def _run_now(self, images: np.ndarray) -> tuple[np.ndarray, float, float]:
         """Idle model, small batch: compute in the caller, skipping queue, task and future (the light-load path).
 
         Nothing can interleave (no await), so the queue stays consistent."""
         start = time.perf_counter()
-        self._observer.on_queue_wait(0.0)
         probs = self._run(images)
-        self._observer.on_batch(images.shape[0], 1, time.perf_counter() - start)
-        return probs
+        seconds = time.perf_counter() - start
+        self._observer.on_batch(images.shape[0], 1, seconds, 0.0, 0.0)
+        return probs, 0.0, seconds
 
     async def drain(self) -> None:
         """Wait until everything queued has been answered."""
@@ -163,9 +165,8 @@ class Batcher:
 
     async def _execute(self, loop: asyncio.AbstractEventLoop, batch: list[_Pending]) -> None:
         start = time.perf_counter()
-        for item in batch:
-            self._observer.on_queue_wait(start - item.enqueued)
         images = batch[0].images if len(batch) == 1 else np.concatenate([p.images for p in batch])
+        joined = time.perf_counter()
         try:
             if images.shape[0] <= self._inline_max:
                 # NOTE: a thread hand-off costs ~100 us, several times what a small batch of this MLP takes
@@ -183,10 +184,12 @@ class Batcher:
             if not batch[0].future.done():
                 batch[0].future.set_exception(exc)
             return
-        self._observer.on_batch(images.shape[0], len(batch), time.perf_counter() - start)
+        ran = time.perf_counter()
+        seconds = ran - joined
         offset = 0
         for item in batch:
             n = item.images.shape[0]
             if not item.future.done():
-                item.future.set_result(probs[offset : offset + n])
+                item.future.set_result((probs[offset : offset + n], start - item.enqueued, seconds))
             offset += n
+        self._observer.on_batch(images.shape[0], len(batch), seconds, joined - start, time.perf_counter() - ran)

@@ -31,6 +31,9 @@ class Settings(BaseSettings):
     max_queue_images: int = Field(
         8192, ge=1, description="Images allowed to wait per model version before RESOURCE_EXHAUSTED."
     )
+    stream_max_in_flight: int = Field(
+        64, ge=1, description="Unanswered requests per ModelStreamInfer stream; beyond it the server stops reading."
+    )
     inline_max_images: int = Field(
         8, ge=0, description="Batches up to this size run on the event loop, larger ones on a thread (0: all)."
     )
