@@ -13,7 +13,7 @@ ARGS ?=
 TRAIN_ARGS ?=
 
 .PHONY: help venv data train model run serve client evaluate tensorboard test test-fast lint protos \
-        bench gpu-check k8s-check metrics-demo soak prometheus-bin clean
+        bench gpu-check k8s-check metrics-demo soak prometheus-bin perf-analyzer clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | column -t -s $$'\t'
@@ -64,7 +64,12 @@ prometheus-bin: ## install the Prometheus server and promtool (Debian package) i
 	@command -v prometheus >/dev/null && command -v promtool >/dev/null || \
 	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null; }
 
-bench: model ## load test: no-compute vs real server sweeps, in-process floor, goals (~2-3 min; ARGS=--quick ~30 s)
+perf-analyzer: $(STAMP) ## Triton's perf_analyzer (tritonclient 2.41.1 wheel) + libcudart + libb64 into build/perf_analyzer
+	@dpkg -s libb64-0d >/dev/null 2>&1 || \
+	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends libb64-0d >/dev/null; }
+	$(PY) -m bench.perf_analyzer install
+
+bench: model perf-analyzer ## load test: no-compute vs real server sweeps, in-process floor, goals (~2-3 min; ARGS=--quick ~30 s)
 	$(PY) -m bench --model-repository $(REPO) $(ARGS)
 
 gpu-check: $(STAMP) ## on a CUDA machine: CUDA really active, same answers as CPU, throughput; else says so, exits 0
@@ -80,7 +85,7 @@ lint: $(STAMP) ## ruff
 k8s-check: $(STAMP) prometheus-bin ## render + schema-validate the k8s manifests, promtool, hadolint (offline)
 	$(PY) tests/deploy/k8s_check.py --out build/k8s
 
-test: $(DATA) prometheus-bin ## lint, unit, integration and end-to-end tests, manifest checks
+test: $(DATA) prometheus-bin perf-analyzer ## lint, unit, integration and end-to-end tests, manifest checks
 	$(MAKE) lint
 	$(MAKE) k8s-check
 	$(PY) -m pytest -ra $(ARGS)
