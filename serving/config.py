@@ -31,6 +31,12 @@ class Settings(BaseSettings):
     max_queue_images: int = Field(
         8192, ge=1, description="Images allowed to wait per model version before RESOURCE_EXHAUSTED."
     )
+    merge_idle_us: int = Field(
+        0,
+        ge=0,
+        description="A small request runs at once if the model was idle this long, else it joins the requests "
+        "arriving in the same event-loop turn in one run (0: always at once, never merged).",
+    )
     stream_max_in_flight: int = Field(
         64, ge=1, description="Unanswered requests per ModelStreamInfer stream; beyond it the server stops reading."
     )

@@ -85,6 +85,7 @@ class ModelVersion:
             settings.max_queue_images,
             settings.inline_max_images,
             name=f"{name}-{version}",
+            merge_idle_us=settings.merge_idle_us,
         )
         labels = (name, self.version)
         self._request_duration = metrics.REQUEST_DURATION.labels(*labels)

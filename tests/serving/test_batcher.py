@@ -228,3 +228,17 @@ async def test_each_request_learns_its_queue_wait_and_its_run_time():
     assert (r0, r1, r2) == (run0, run1, run1)  # both requests of the merged run report the whole run
     assert joined >= 0 and split >= 0
     batcher.close()
+
+
+@pytest.mark.parametrize("merge_idle_us", [0, 10_000_000])
+async def test_requests_of_one_event_loop_turn_merge_and_an_idle_model_runs_at_once(merge_idle_us):
+    rec = Recorder()
+    batcher = Batcher(model, rec, max_batch_size=64, inline_max_images=8, merge_idle_us=merge_idle_us)
+    first, queued, _ = await batcher.infer(np.ones((1, 2)))
+    assert rec.batches == [(1, 1)] and queued == 0.0  # idle model: ran at once, in the caller
+    burst = [r[0] for r in await asyncio.gather(*(batcher.infer(np.full((1, 2), float(i))) for i in range(5)))]
+    # A burst arriving together right after a run goes as one run; merge_idle_us=0 runs each at once.
+    assert rec.batches[1:] == ([(5, 5)] if merge_idle_us else [(1, 1)] * 5)
+    for i, probs in enumerate(burst):
+        np.testing.assert_array_equal(probs, np.full((1, 10), 2.0 * i))
+    batcher.close()
