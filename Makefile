@@ -13,7 +13,7 @@ ARGS ?=
 TRAIN_ARGS ?=
 
 .PHONY: help venv data train model run serve client evaluate tensorboard test test-fast lint protos \
-        bench gpu-check k8s-check metrics-demo soak prometheus-bin perf-analyzer clean
+        bench gpu-check k8s-check metrics-demo soak prometheus-bin perf-analyzer peers clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | column -t -s $$'\t'
@@ -69,7 +69,10 @@ perf-analyzer: $(STAMP) ## Triton's perf_analyzer (tritonclient 2.41.1 wheel) + 
 	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends libb64-0d >/dev/null; }
 	$(PY) -m bench.perf_analyzer install
 
-bench: model perf-analyzer ## load test: no-compute vs real server sweeps, in-process floor, goals (~2-3 min; ARGS=--quick ~30 s)
+peers: $(STAMP) ## MLServer 1.7.1 and KServe 0.21 in their own venvs under build/peers (the bench's peers)
+	$(PY) -m bench.peers install
+
+bench: model perf-analyzer peers ## load test: no-compute, peers, real server (unary, streaming, perf_analyzer), in-process, goals
 	$(PY) -m bench --model-repository $(REPO) $(ARGS)
 
 gpu-check: $(STAMP) ## on a CUDA machine: CUDA really active, same answers as CPU, throughput; else says so, exits 0

@@ -23,6 +23,7 @@ from serving.config import NUM_CLASSES
 ACCURACY_SAMPLE = 50_000
 DTYPES = ("FP32", "UINT8")
 MAX_CHANNELS = 8
+STREAMS_PER_PROCESS = 2  # streaming steps: connections (one stream each) per client process
 
 
 @dataclass(frozen=True)
@@ -38,7 +39,7 @@ class Step:
     warmup: float = 0.5
     max_requests: int = 0  # 0: bounded by time only
     timeout: float = 10.0
-    channels: int = 0  # connections per client process; 0: min(concurrency, 8) (open loop: 8)
+    channels: int = 0  # connections per client process; 0: min(concurrency, 8) (open loop: 8; streams: 2)
     max_outstanding: int = 1024  # open loop: in-flight cap per client process (later requests wait, on the clock)
     model: str = MODEL_NAME
     stream: bool = False  # closed loop over ModelStreamInfer: one stream per connection, `concurrency` in flight
@@ -97,7 +98,10 @@ def correct_answers(response: bytes, labels: np.ndarray) -> int:
 def _correct(resp, labels: np.ndarray) -> int:
     for i, out in enumerate(resp.outputs):
         if out.name == "probabilities":
-            probs = np.frombuffer(resp.raw_output_contents[i], dtype="<f4").reshape(-1, NUM_CLASSES)
+            if resp.raw_output_contents:
+                probs = np.frombuffer(resp.raw_output_contents[i], dtype="<f4").reshape(-1, NUM_CLASSES)
+            else:  # typed contents (MLServer, KServe)
+                probs = np.array(out.contents.fp32_contents, dtype=np.float32).reshape(-1, NUM_CLASSES)
             return int((probs.argmax(axis=1) == labels).sum())
         if out.name == "predicted_class":
             pred = np.frombuffer(resp.raw_output_contents[i], dtype="<i8")
@@ -117,6 +121,8 @@ async def _run_async(target: str, step: Step, requests, labels, part: int, parts
         return _empty()
     # Several connections: SO_REUSEPORT server workers each get some (the kernel spreads connections, not calls).
     n_channels = step.channels or min(share if step.mode == "closed" else MAX_CHANNELS, MAX_CHANNELS)
+    if step.stream and not step.channels:
+        n_channels = min(share, STREAMS_PER_PROCESS)  # several requests in flight on each stream
     # A private subchannel pool per channel: separate TCP connections (SO_REUSEPORT spreads them over workers).
     channels = [
         grpc.aio.insecure_channel(target, options=[("grpc.use_local_subchannel_pool", 1)]) for _ in range(n_channels)
