@@ -214,6 +214,13 @@ def main(argv: list[str] | None = None) -> int:
         results = []
         for step in steps:
             r = pa.run(server.target, step, pa_data, window_ms=args.pa_window_ms, stability_pct=100, max_trials=6)
+            if r["rc"] != 0 and "stable measurement" in r.get("error", ""):
+                # Other work on the machine moved the figures by more than 2x between windows: measure again
+                # with no stability rule at all, and say so.
+                log.info("%s perf_analyzer %s: no stable measurement; again without a stability rule",
+                         server.name, r["label"])  # fmt: skip
+                r = pa.run(server.target, step, pa_data, window_ms=args.pa_window_ms, stability_pct=1e5, max_trials=3)
+                r["stability_pct"] = "none (unstable at 100%)"
             r["server"] = server.name
             log.info("%-12s perf_analyzer %-22s rc %d %8.0f infer/s p99 %s us client/server requests %s/%s",
                      server.name, r["label"], r["rc"], r.get("infer_per_s", 0), r.get("p99_us"),
@@ -390,8 +397,10 @@ def compare(servers: dict, floor: list[dict], args: argparse.Namespace) -> dict:
     best_peer = max((r["req_per_s"] for r in peers.values() if r), default=None)
     real32 = _at(reals[best]["steps"], c_key)
     pa_nc = servers["nocompute"].get("perf_analyzer", [])
-    pa_real = reals[best].get("perf_analyzer", [])
-    nc16, st16 = _pa_at(pa_nc, 16), _pa_at(pa_real, 16, streaming=True)
+    nc16 = _pa_at(pa_nc, 16)
+    # Streaming: the best configuration for it (one perf_analyzer stream lands on one worker of several).
+    st_all = [(n, _pa_at(s.get("perf_analyzer", []), 16, streaming=True)) for n, s in reals.items()]
+    st_name, st16 = max(st_all, key=lambda x: (x[1] or {}).get("infer_per_s", 0), default=(None, None))
     all_pa = [r for s in servers.values() for r in s.get("perf_analyzer", [])]
 
     def counts_match(r: dict) -> bool | None:
@@ -413,7 +422,8 @@ def compare(servers: dict, floor: list[dict], args: argparse.Namespace) -> dict:
         ),
         goal(f"unary c={c_key}: real req/s >= 0.9x no-compute (ratio)", r32 and r32["req_s_ratio"], 0.9, source=r32),
         goal(
-            "perf_analyzer --streaming c=16: real infer/s >= 2x no-compute unary c=16 under perf_analyzer (ratio)",
+            f"perf_analyzer --streaming c=16 ({st_name}): real infer/s >= 2x no-compute unary c=16 under "
+            "perf_analyzer (ratio)",
             round(st16["infer_per_s"] / nc16["infer_per_s"], 3)
             if st16 and nc16 and st16.get("infer_per_s") and nc16.get("infer_per_s")
             else None,

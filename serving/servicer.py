@@ -174,7 +174,8 @@ class InferStream:
         self.window = asyncio.Semaphore(servicer.settings.stream_max_in_flight)
         self.answers: asyncio.Queue[pb.ModelStreamInferResponse | None] = asyncio.Queue()
         self.tasks: set[asyncio.Task] = set()
-        self.cut_by_drain = False
+        self.reading = True
+        self.cut_by_drain = False  # the drain stopped the reading: the stream ends UNAVAILABLE
 
     async def responses(self):
         reader = asyncio.create_task(self._read())
@@ -190,8 +191,9 @@ class InferStream:
 
     async def _stop_reading_on_drain(self, reader: asyncio.Task) -> None:
         await self.servicer.state.drain_started.wait()
-        self.cut_by_drain = True
-        reader.cancel()
+        if self.reading:  # a client that already closed its side just gets its answers and OK
+            self.cut_by_drain = True
+            reader.cancel()
 
     async def _read(self) -> None:
         try:
@@ -202,6 +204,7 @@ class InferStream:
                 task.add_done_callback(self.tasks.discard)
         except asyncio.CancelledError:
             pass  # drain or the call ended: accept nothing more, answer what was accepted
+        self.reading = False
         while self.tasks:
             await asyncio.wait(list(self.tasks))
         self.answers.put_nowait(None)

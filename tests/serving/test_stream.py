@@ -199,3 +199,15 @@ async def test_drain_answers_accepted_requests_and_ends_the_stream():
 
 async def _collect(stream: InferStream) -> list[str]:
     return [r.infer_response.id async for r in stream.responses()]
+
+
+async def test_drain_after_the_client_closed_its_side_ends_the_stream_ok():
+    servicer = GatedServicer(limit=8)
+    stream = InferStream(servicer, _requests(3), None)  # sends 3, then half-closes
+    collected = asyncio.create_task(_collect(stream))
+    await asyncio.sleep(0.05)
+    assert servicer.active == 3 and not stream.reading
+    servicer.state.draining = True
+    servicer.gate.set()
+    assert sorted(await asyncio.wait_for(collected, 10)) == ["0", "1", "2"]
+    assert not stream.cut_by_drain  # nothing was refused: no UNAVAILABLE for this client
