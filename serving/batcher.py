@@ -48,8 +48,8 @@ class Batcher:
 
     Small batches run on the event loop (`inline_max_images`), so nothing would ever queue behind them: a
     request arriving less than `merge_idle_us` after the previous run ended (the model is under load) therefore
-    waits for the worker task, which starts on the next event-loop turn, and every request that arrived in
-    the same turn goes with it in one run. A request to a model idle for longer still runs at once.
+    waits one event-loop turn (a `call_soon` flush), and every request that arrived in the same turn goes with
+    it in one run. A request to a model idle for longer still runs at once.
     """
 
     def __init__(
