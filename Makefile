@@ -17,7 +17,7 @@ DEVICE_FILE := $(VENV)/.device
 REQS := deploy/docker/requirements.py
 
 .PHONY: FORCE help venv data train model run serve client evaluate tensorboard test test-fast lint protos \
-        bench gpu-check k8s-check metrics-demo soak prometheus-bin clean
+        bench gpu-check k8s-check metrics-demo soak prometheus-bin perf-analyzer peers clean
 
 FORCE:
 
@@ -82,7 +82,15 @@ prometheus-bin: ## install the Prometheus server and promtool (Debian package) i
 	@command -v prometheus >/dev/null && command -v promtool >/dev/null || \
 	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null; }
 
-bench: model ## load test: no-compute vs real server sweeps, in-process floor, goals (~2-3 min; ARGS=--quick ~30 s)
+perf-analyzer: $(STAMP) ## Triton's perf_analyzer (tritonclient 2.41.1 wheel) + libcudart + libb64 into build/perf_analyzer
+	@dpkg -s libb64-0d >/dev/null 2>&1 || \
+	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends libb64-0d >/dev/null; }
+	$(PY) -m bench.perf_analyzer install
+
+peers: $(STAMP) ## MLServer 1.7.1 and KServe 0.21 in their own venvs under build/peers (the bench's peers)
+	$(PY) -m bench.peers install
+
+bench: model perf-analyzer peers ## load test: no-compute, peers, real server (unary, streaming, perf_analyzer), in-process, goals
 	$(PY) -m bench --model-repository $(REPO) $(ARGS)
 
 gpu-check: $(STAMP) ## on a CUDA machine: fast-path variants + real server with --require-gpu vs CPU, load, goals, JSON+PNG; else says so, exits 0
@@ -98,7 +106,7 @@ lint: $(STAMP) ## ruff
 k8s-check: $(STAMP) prometheus-bin ## render + schema-validate the k8s manifests, promtool, hadolint (offline)
 	$(PY) tests/deploy/k8s_check.py --out build/k8s
 
-test: $(DATA) prometheus-bin ## lint, unit, integration and end-to-end tests, manifest checks
+test: $(DATA) prometheus-bin perf-analyzer ## lint, unit, integration and end-to-end tests, manifest checks
 	$(MAKE) lint
 	$(MAKE) k8s-check
 	$(PY) -m pytest -ra $(ARGS)

@@ -27,6 +27,7 @@ log = logging.getLogger(__name__)
 REPO_ROOT = Path(__file__).resolve().parents[1]
 MODEL_NAME = "mnist"
 INFER_METHOD = "/inference.GRPCInferenceService/ModelInfer"
+STREAM_METHOD = "/inference.GRPCInferenceService/ModelStreamInfer"
 
 
 class NonLoopbackTarget(ValueError):
@@ -78,9 +79,27 @@ def _set_pdeathsig() -> None:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
+def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment of a server child: this one without SERVING_* and PROMETHEUS_MULTIPROC_DIR (a developer's
+    shell must not change what a test or benchmark runs), plus `extra`, which may set them on purpose."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SERVING_") and k != "PROMETHEUS_MULTIPROC_DIR"}
+    env["PYTHONUNBUFFERED"] = "1"
+    env.update(extra or {})
+    return env
+
+
+def serving_cmd(repository: str | os.PathLike, grpc_port: int, metrics_port: int, *extra: str) -> list[str]:
+    """`python -m serving` on loopback ports (the one command line tests, bench and scripts start)."""
+    return python_cmd(
+        "-m", "serving", "--model-repository", str(repository), "--grpc-port", str(grpc_port),
+        "--metrics-port", str(metrics_port), *extra,
+    )  # fmt: skip
+
+
 @dataclass(eq=False)
 class ChildServer:
-    """A server process started by the benchmark, in its own process group, killed on stop/exit."""
+    """A server process (ours, a reference or a peer) in its own process group, killed on stop/exit: the one way
+    tests, the benchmark and the scripts start a server child."""
 
     name: str
     cmd: list[str]
@@ -88,6 +107,8 @@ class ChildServer:
     log_path: Path
     proc: subprocess.Popen | None = None
     pids: list[int] = field(default_factory=list)
+    env: dict[str, str] | None = None  # added to child_env()
+    metrics_port: int = 0
     _stopped: bool = False
 
     @property
@@ -105,10 +126,15 @@ class ChildServer:
                 start_new_session=True,  # own process group: stop() also reaches worker processes
                 preexec_fn=_set_pdeathsig,
                 cwd=REPO_ROOT,
+                env=child_env(self.env),
             )
         _LIVE.add(self)
         log.info("started %s (pid %d): %s", self.name, self.proc.pid, " ".join(self.cmd))
         return self
+
+    @property
+    def url(self) -> str:
+        return self.target
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
@@ -118,6 +144,29 @@ class ChildServer:
             return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
         except OSError:
             return ""
+
+    def wait_serving(self, timeout: float = 120.0) -> None:
+        """Poll the gRPC health service until it says SERVING (the server's own readiness, models loaded)."""
+        import grpc
+        from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+        deadline = time.monotonic() + timeout
+        with grpc.insecure_channel(self.target) as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+            while True:
+                if not self.alive():
+                    raise RuntimeError(f"{self.name} exited with {self.proc.returncode}:\n{self.log_tail(200)}")
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"{self.name} not SERVING after {timeout:.0f}s:\n{self.log_tail(200)}")
+                try:
+                    if (
+                        stub.Check(health_pb2.HealthCheckRequest(), timeout=1).status
+                        == health_pb2.HealthCheckResponse.SERVING
+                    ):
+                        return
+                except grpc.RpcError:
+                    pass
+                time.sleep(0.1)
 
     def wait_ready(self, timeout: float = 120.0, connections: int = 8) -> None:
         """Poll ServerReady until `connections` separate connections all answer ready=True."""
@@ -208,6 +257,25 @@ def launch(
     except BaseException:
         child.stop()
         raise
+    return child
+
+
+def start_serving(
+    repository: str | os.PathLike, log: Path, *extra: str, env: dict[str, str] | None = None, wait: bool = True
+) -> ChildServer:
+    """`python -m serving` on free loopback ports, its output in `log` (a directory: server-<port>.log in it);
+    with `wait`, returns once it is SERVING (and stops it if it never gets there)."""
+    grpc_port, metrics_port = free_port(), free_port()
+    log = Path(log)
+    log_path = log / f"server-{grpc_port}.log" if log.is_dir() else log
+    cmd = serving_cmd(repository, grpc_port, metrics_port, *extra)
+    child = ChildServer("serving", cmd, grpc_port, log_path, env=env, metrics_port=metrics_port).start()
+    if wait:
+        try:
+            child.wait_serving()
+        except BaseException:
+            child.stop()
+            raise
     return child
 
 

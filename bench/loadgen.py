@@ -16,13 +16,14 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.common import INFER_METHOD, MODEL_NAME, NonLoopbackTarget, check_target, load_test_set
+from bench.common import INFER_METHOD, MODEL_NAME, STREAM_METHOD, NonLoopbackTarget, check_target, load_test_set
 from serving.config import NUM_CLASSES
 
 # Responses kept per client process for the accuracy check (decoded after the step, off the clock).
 ACCURACY_SAMPLE = 50_000
 DTYPES = ("FP32", "UINT8")
 MAX_CHANNELS = 8
+STREAMS_PER_PROCESS = 2  # streaming steps: connections (one stream each) per client process
 
 
 @dataclass(frozen=True)
@@ -38,9 +39,10 @@ class Step:
     warmup: float = 0.5
     max_requests: int = 0  # 0: bounded by time only
     timeout: float = 10.0
-    channels: int = 0  # connections per client process; 0: min(concurrency, 8) (open loop: 8)
+    channels: int = 0  # connections per client process; 0: min(concurrency, 8) (open loop: 8; streams: 2)
     max_outstanding: int = 1024  # open loop: in-flight cap per client process (later requests wait, on the clock)
     model: str = MODEL_NAME
+    stream: bool = False  # closed loop over ModelStreamInfer: one stream per connection, `concurrency` in flight
 
     def __post_init__(self) -> None:
         if self.mode not in ("closed", "open"):
@@ -51,12 +53,14 @@ class Step:
             raise ValueError(f"concurrency must be 1..1024, got {self.concurrency}")
         if self.mode == "open" and self.rate <= 0:
             raise ValueError("open loop needs a rate > 0")
+        if self.stream and self.mode != "closed":
+            raise ValueError("streaming steps are closed loop")
         if self.batch < 1 or self.duration <= 0 or self.warmup < 0 or self.max_requests < 0:
             raise ValueError("batch >= 1, duration > 0, warmup >= 0, max_requests >= 0")
 
     def label(self) -> str:
         load = f"c={self.concurrency}" if self.mode == "closed" else f"rate={self.rate:g}/s"
-        return f"{self.mode} {load} batch={self.batch} {self.dtype}"
+        return f"{'stream' if self.stream else self.mode} {load} batch={self.batch} {self.dtype}"
 
 
 # ---------------------------------------------------------------- requests
@@ -88,10 +92,16 @@ def correct_answers(response: bytes, labels: np.ndarray) -> int:
     """How many images of one ModelInferResponse were answered with their label (argmax of probabilities)."""
     from serving.protos import grpc_service_pb2 as pb
 
-    resp = pb.ModelInferResponse.FromString(response)
+    return _correct(pb.ModelInferResponse.FromString(response), labels)
+
+
+def _correct(resp, labels: np.ndarray) -> int:
     for i, out in enumerate(resp.outputs):
         if out.name == "probabilities":
-            probs = np.frombuffer(resp.raw_output_contents[i], dtype="<f4").reshape(-1, NUM_CLASSES)
+            if resp.raw_output_contents:
+                probs = np.frombuffer(resp.raw_output_contents[i], dtype="<f4").reshape(-1, NUM_CLASSES)
+            else:  # typed contents (MLServer, KServe)
+                probs = np.array(out.contents.fp32_contents, dtype=np.float32).reshape(-1, NUM_CLASSES)
             return int((probs.argmax(axis=1) == labels).sum())
         if out.name == "predicted_class":
             pred = np.frombuffer(resp.raw_output_contents[i], dtype="<i8")
@@ -111,6 +121,8 @@ async def _run_async(target: str, step: Step, requests, labels, part: int, parts
         return _empty()
     # Several connections: SO_REUSEPORT server workers each get some (the kernel spreads connections, not calls).
     n_channels = step.channels or min(share if step.mode == "closed" else MAX_CHANNELS, MAX_CHANNELS)
+    if step.stream and not step.channels:
+        n_channels = min(share, STREAMS_PER_PROCESS)  # several requests in flight on each stream
     # A private subchannel pool per channel: separate TCP connections (SO_REUSEPORT spreads them over workers).
     channels = [
         grpc.aio.insecure_channel(target, options=[("grpc.use_local_subchannel_pool", 1)]) for _ in range(n_channels)
@@ -155,7 +167,60 @@ async def _run_async(target: str, step: Step, requests, labels, part: int, parts
             kept.append((idx, resp))
 
     first = part * n_req // parts  # each client process starts on other images
-    if step.mode == "closed":
+    if step.stream:
+        from serving.protos import grpc_service_pb2 as pb
+
+        counter = [first]
+        budget = [_share_requests(step.max_requests, part, parts) if step.max_requests else math.inf]
+        call_timeout = step.warmup + step.duration + step.timeout + 5
+
+        async def streamer(channel, slots: int) -> None:
+            call = channel.stream_stream(STREAM_METHOD)(timeout=call_timeout)
+            sent: dict[str, tuple[int, int]] = {}
+            seq = 0
+
+            async def send() -> None:
+                nonlocal seq
+                idx = counter[0] % n_req
+                counter[0] += 1
+                budget[0] -= 1
+                seq += 1
+                key = str(seq)
+                sent[key] = (clock(), idx)
+                # Serialized protobufs concatenate as a merge: this sets the request id without re-encoding.
+                await call.write(requests[idx] + pb.ModelInferRequest(id=key).SerializeToString())
+
+            try:
+                for _ in range(slots):
+                    if budget[0] > 0 and clock() < end:
+                        await send()
+                while sent:
+                    raw = await call.read()
+                    if raw is grpc.aio.EOF:
+                        break
+                    done = clock()
+                    resp = pb.ModelStreamInferResponse.FromString(raw)
+                    t_ref, idx = sent.pop(resp.infer_response.id)
+                    starts.append(t_ref)
+                    lats.append(done - t_ref)
+                    codes.append(resp.error_message.split(":", 1)[0] if resp.error_message else "OK")
+                    if not resp.error_message and len(kept) < ACCURACY_SAMPLE:
+                        kept.append((idx, resp.infer_response))
+                    if budget[0] > 0 and done < end:
+                        await send()
+                await call.done_writing()
+            except grpc.aio.AioRpcError as exc:
+                code = exc.code().name
+            else:
+                code = "UNAVAILABLE"  # the server ended the stream with requests unanswered
+            for t_ref, _ in sent.values():
+                starts.append(t_ref)
+                lats.append(clock() - t_ref)
+                codes.append(code)
+
+        slots = [share // n_channels + (i < share % n_channels) for i in range(n_channels)]
+        await asyncio.gather(*(streamer(ch, k) for ch, k in zip(channels, slots, strict=True) if k))
+    elif step.mode == "closed":
         bounded = step.max_requests > 0
         budget = [_share_requests(step.max_requests, part, parts)]
         counter = [first]
@@ -200,7 +265,7 @@ async def _run_async(target: str, step: Step, requests, labels, part: int, parts
 
     correct = answered = 0
     for idx, resp in kept:
-        correct += correct_answers(resp, labels[idx])
+        correct += correct_answers(resp, labels[idx]) if isinstance(resp, bytes) else _correct(resp, labels[idx])
         answered += len(labels[idx])
     return {
         "starts": np.array(starts, dtype=np.int64) - t0,
@@ -463,6 +528,7 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--channels", type=int, default=0, help="connections per client process (0: min(c, 8))")
     p.add_argument("--max-outstanding", type=int, default=1024, help="open loop: in-flight cap per process")
     p.add_argument("--client-procs", type=int, default=1, help="client processes sharing the load")
+    p.add_argument("--stream", action="store_true", help="closed loop over ModelStreamInfer (one stream/connection)")
     p.add_argument("--model", default=MODEL_NAME)
     p.add_argument("--data-dir", default="data")
     p.add_argument("--json", type=Path, help="also write the results here")
@@ -479,7 +545,7 @@ def main(argv: list[str] | None = None) -> int:
     common = dict(
         batch=args.batch, dtype=args.dtype, duration=args.duration, warmup=args.warmup,
         max_requests=args.max_requests, timeout=args.timeout, channels=args.channels,
-        max_outstanding=args.max_outstanding, model=args.model,
+        max_outstanding=args.max_outstanding, model=args.model, stream=args.stream,
     )  # fmt: skip
     if args.rate > 0:
         steps = [Step(mode="open", rate=args.rate, **common)]

@@ -26,7 +26,8 @@ MAX_MESSAGE_BYTES = 64 << 20
 
 
 class NoComputeServicer(pb_grpc.GRPCInferenceServiceServicer):
-    """Readiness plus ModelInfer answering every image with CONSTANT_PROBS."""
+    """Readiness, metadata, config and (empty) statistics for perf_analyzer, plus ModelInfer and
+    ModelStreamInfer answering every image with CONSTANT_PROBS."""
 
     platform = "none"
 
@@ -43,8 +44,37 @@ class NoComputeServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def ModelReady(self, request, context):
         return pb.ModelReadyResponse(ready=request.name == "mnist")
 
+    async def ServerMetadata(self, request, context):
+        return pb.ServerMetadataResponse(name="nocompute", version="0", extensions=["statistics"])
+
     async def ModelMetadata(self, request, context):
-        return pb.ModelMetadataResponse(name="mnist", versions=["1"], platform=self.platform)
+        tensor = pb.ModelMetadataResponse.TensorMetadata
+        return pb.ModelMetadataResponse(
+            name="mnist",
+            versions=["1"],
+            platform=self.platform,
+            inputs=[tensor(name="input", datatype="FP32", shape=[-1, 784])],
+            outputs=[tensor(name="probabilities", datatype="FP32", shape=[-1, 10])],
+        )
+
+    async def ModelConfig(self, request, context):
+        from serving.protos import model_config_pb2 as mc
+
+        return pb.ModelConfigResponse(
+            config=mc.ModelConfig(
+                name="mnist",
+                max_batch_size=1024,
+                input=[mc.ModelInput(name="input", data_type=mc.TYPE_FP32, dims=[784])],
+                output=[mc.ModelOutput(name="probabilities", data_type=mc.TYPE_FP32, dims=[10])],
+            )
+        )
+
+    async def ModelStatistics(self, request, context):
+        return pb.ModelStatisticsResponse(model_stats=[pb.ModelStatistics(name="mnist", version="1")])
+
+    async def ModelStreamInfer(self, request_iterator, context):
+        async for request in request_iterator:
+            yield pb.ModelStreamInferResponse(infer_response=await self.ModelInfer(request, context))
 
     def probabilities(self, request: pb.ModelInferRequest) -> tuple[int, bytes]:
         """(N, raw FP32 [N,10] bytes) for the request."""

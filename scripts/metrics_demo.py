@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import shutil
 import signal
 import socket
@@ -34,7 +33,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a script from anywhere
 
-from bench.common import find_model, free_port  # noqa: E402
+from bench.common import ChildServer, find_model, free_port, serving_cmd  # noqa: E402
 from serving.client import feedback_request, infer_request, probabilities, receipt_of  # noqa: E402
 from serving.protos import feedback_pb2_grpc  # noqa: E402
 from serving.protos import grpc_service_pb2_grpc as pb_grpc  # noqa: E402
@@ -156,17 +155,15 @@ class Server:
         self.grpc_port, self.metrics_port = (8001, 8002) if defaults else (free_port(), free_port())
         self.url = f"127.0.0.1:{self.grpc_port}"
         self.log = workdir / "server.log"
-        command = [
-            sys.executable, "-m", "serving", "--model-repository", str(args.model_repository),
-            "--data-dir", str(args.data_dir), "--grpc-port", str(self.grpc_port),
-            "--metrics-port", str(self.metrics_port), "--canary-interval-s", str(SCRAPE_S),
+        extra = [
+            "--data-dir", str(args.data_dir), "--canary-interval-s", str(SCRAPE_S),
             "--canary-images", str(args.canary_images),
             # The window holds every labelled answer of the demo, so it must equal the counters' ratio.
             "--accuracy-window", str(args.max_images), "--feedback-capacity", "100000",
         ]  # fmt: skip
-        with open(self.log, "w") as log:
-            env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-            self.proc = subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env)
+        cmd = serving_cmd(args.model_repository, self.grpc_port, self.metrics_port, *extra)
+        self.child = ChildServer("serving", cmd, self.grpc_port, self.log, metrics_port=self.metrics_port).start()
+        self.proc = self.child.proc
         _wait("server SERVING", self._serving, 60, self.proc, self.log)
 
     def _serving(self) -> bool:
@@ -180,7 +177,8 @@ class Server:
             try:
                 self.proc.wait(30)
             except subprocess.TimeoutExpired:
-                self.proc.kill()
+                pass
+        self.child.stop(grace=1.0)  # whatever is left of its process group
         return self.proc.returncode
 
 

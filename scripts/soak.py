@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import random
 import signal
 import subprocess
@@ -24,12 +23,11 @@ from pathlib import Path
 import grpc
 import numpy as np
 import psutil
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.common import find_model, free_port  # noqa: E402
+from bench.common import find_model, start_serving  # noqa: E402
 from serving.client import feedback_request, infer_request, probabilities, receipt_of  # noqa: E402
 from serving.protos import feedback_pb2_grpc  # noqa: E402
 from serving.protos import grpc_service_pb2 as pb  # noqa: E402
@@ -167,26 +165,11 @@ def _percentiles(latencies: list[tuple[float, float]], lo: float, hi: float) -> 
 
 
 def start_server(repository: Path, log_path: Path, extra: list[str]) -> tuple[subprocess.Popen, str, int]:
-    grpc_port, metrics_port = free_port(), free_port()
-    args = [sys.executable, "-m", "serving", "--model-repository", str(repository), "--grpc-port", str(grpc_port),
-            "--metrics-port", str(metrics_port), *extra]  # fmt: skip
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(args, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env={**os.environ})
-    url = f"127.0.0.1:{grpc_port}"
-    deadline = time.monotonic() + 120
-    with grpc.insecure_channel(url) as ch:
-        health = health_pb2_grpc.HealthStub(ch)
-        while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                raise SystemExit(f"server exited with {proc.returncode}:\n{log_path.read_text()}")
-            try:
-                if health.Check(health_pb2.HealthCheckRequest(), timeout=1).status == 1:
-                    return proc, url, metrics_port
-            except grpc.RpcError:
-                pass
-            time.sleep(0.2)
-    proc.kill()
-    raise SystemExit(f"server not SERVING in 120 s:\n{log_path.read_text()}")
+    try:
+        child = start_serving(repository, log_path, *extra)
+    except (RuntimeError, TimeoutError) as exc:
+        raise SystemExit(str(exc)) from None
+    return child.proc, child.target, child.metrics_port
 
 
 def soak(args: argparse.Namespace) -> dict:

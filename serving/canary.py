@@ -57,7 +57,10 @@ class Canary:
         golden = self.golden
         assert golden is not None
         step = self.settings.max_batch_size
-        chunks = [await mv.batcher.infer(golden.images[lo : lo + step]) for lo in range(0, golden.labels.size, step)]
+        chunks = []
+        for lo in range(0, golden.labels.size, step):
+            probs, _, _ = await mv.batcher.infer(golden.images[lo : lo + step])
+            chunks.append(probs)
         score = accuracy(np.concatenate(chunks), golden.labels)
         if mv not in self.repository.versions():  # unloaded meanwhile: do not bring its series back
             return score

@@ -152,23 +152,56 @@ def cmd_evaluate(args) -> int:
     data = load_mnist(args.data_dir)
     x, y = data.x_test[: args.limit], data.y_test[: args.limit]
     stub = pb_grpc.GRPCInferenceServiceStub(_channel(args))
-    latencies, correct = [], 0
+    requests = [
+        infer_request(x[lo : lo + args.batch_size], args.model, args.model_version, args.datatype, request_id=str(lo))
+        for lo in range(0, len(x), args.batch_size)
+    ]
     started = time.perf_counter()
-    for lo in range(0, len(x), args.batch_size):
-        request = infer_request(x[lo : lo + args.batch_size], args.model, args.model_version, args.datatype)
-        t0 = time.perf_counter()
-        response = stub.ModelInfer(request, timeout=args.timeout)
-        latencies.append(time.perf_counter() - t0)
-        correct += int((probabilities(response).argmax(axis=1) == y[lo : lo + args.batch_size]).sum())
+    answers, latencies = (_stream if args.stream else _unary)(stub, requests, args.timeout)
     elapsed = time.perf_counter() - started
+    correct = sum(
+        int((probabilities(answers[r.id]).argmax(axis=1) == y[int(r.id) : int(r.id) + args.batch_size]).sum())
+        for r in requests
+    )
     ms = np.percentile(np.array(latencies) * 1e3, [50, 90, 99])
-    _say(f"model {args.model} version {response.model_version or '?'} via {args.url} ({args.datatype})")
+    version = answers[requests[-1].id].model_version or "?"
+    how = "ModelStreamInfer" if args.stream else "ModelInfer"
+    _say(f"model {args.model} version {version} via {args.url} ({args.datatype}, {how})")
     _say(f"accuracy {correct / len(x):.4f} on {len(x)} test images ({correct} correct)")
     _say(
         f"{len(latencies)} requests of {args.batch_size} images in {elapsed:.2f}s: "
         f"{len(x) / elapsed:,.0f} images/s; latency p50 {ms[0]:.2f} ms, p90 {ms[1]:.2f} ms, p99 {ms[2]:.2f} ms"
     )
     return 0
+
+
+def _unary(stub, requests: list, timeout: float) -> tuple[dict, list[float]]:
+    """One ModelInfer call after another."""
+    answers, latencies = {}, []
+    for request in requests:
+        t0 = time.perf_counter()
+        answers[request.id] = stub.ModelInfer(request, timeout=timeout)
+        latencies.append(time.perf_counter() - t0)
+    return answers, latencies
+
+
+def _stream(stub, requests: list, timeout: float) -> tuple[dict, list[float]]:
+    """Every request on one ModelStreamInfer stream, as fast as the server takes them (it bounds the in-flight)."""
+    sent: dict[str, float] = {}
+
+    def outgoing():
+        for request in requests:
+            sent[request.id] = time.perf_counter()
+            yield request
+
+    answers, latencies = {}, []
+    for response in stub.ModelStreamInfer(outgoing(), timeout=timeout + len(requests)):
+        if response.error_message:
+            raise grpc.RpcError(f"request {response.infer_response.id}: {response.error_message}")
+        answer = response.infer_response
+        latencies.append(time.perf_counter() - sent[answer.id])
+        answers[answer.id] = answer
+    return answers, latencies
 
 
 def cmd_health(args) -> int:
@@ -206,6 +239,7 @@ def main(argv: list[str] | None = None) -> int:
     e.add_argument("--datatype", choices=("UINT8", "FP32"), default="UINT8")
     e.add_argument("--limit", type=int, default=10_000)
     e.add_argument("--data-dir", default="data")
+    e.add_argument("--stream", action="store_true", help="send every request on one ModelStreamInfer stream")
     e.set_defaults(func=cmd_evaluate)
     h = sub.add_parser("health", help="grpc.health.v1 check; exit 0 when SERVING")
     h.add_argument("--service", default="", help="'' (server), liveness, or a model name")
@@ -214,7 +248,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except grpc.RpcError as exc:
-        sys.stderr.write(f"error: {exc.code().name}: {exc.details()}\n")
+        if hasattr(exc, "code"):
+            sys.stderr.write(f"error: {exc.code().name}: {exc.details()}\n")
+        else:  # a ModelStreamInfer response carrying error_message
+            sys.stderr.write(f"error: {exc}\n")
         return 2
 
 

@@ -39,6 +39,15 @@ class Settings(BaseSettings):
     malloc_arena_max: int = Field(
         2, ge=0, description="glibc malloc arenas per process (0: glibc's default of 8 per core); fewer hold less."
     )
+    merge_idle_us: int = Field(
+        0,
+        ge=0,
+        description="A small request runs at once if the model was idle this long, else it joins the requests "
+        "arriving in the same event-loop turn in one run (0: always at once, never merged).",
+    )
+    stream_max_in_flight: int = Field(
+        64, ge=1, description="Unanswered requests per ModelStreamInfer stream; beyond it the server stops reading."
+    )
     inline_max_images: int = Field(
         8, ge=0, description="Batches up to this size run on the event loop, larger ones on a thread (0: all)."
     )

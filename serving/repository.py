@@ -22,7 +22,7 @@ from serving.runtime import OnnxModel
 log = logging.getLogger(__name__)
 
 
-@dataclass
+@dataclass(slots=True)
 class Duration:
     count: int = 0
     ns: int = 0
@@ -32,18 +32,33 @@ class Duration:
         self.ns += int(seconds * 1e9)
 
 
-@dataclass
+@dataclass(slots=True)
+class BatchStatistics:
+    """One batch size's executions: joining the inputs, the onnxruntime run, splitting the output."""
+
+    compute_input: Duration = field(default_factory=Duration)
+    compute_infer: Duration = field(default_factory=Duration)
+    compute_output: Duration = field(default_factory=Duration)
+
+
+@dataclass(slots=True)
 class Statistics:
-    """Triton-style cumulative statistics (the ModelStatistics RPC) for one version in this process."""
+    """Triton-style cumulative statistics (the ModelStatistics RPC) for one version in this process.
+
+    Per successful request, as Triton counts them: `queue` (waiting for a run), `compute_input` (lookup and
+    decoding the protobuf into an array), `compute_infer` (the onnxruntime run it was part of), `compute_output`
+    (drift signals and encoding the response); `success` is the whole handler. The four counts are equal."""
 
     success: Duration = field(default_factory=Duration)
     fail: Duration = field(default_factory=Duration)
     queue: Duration = field(default_factory=Duration)
+    compute_input: Duration = field(default_factory=Duration)
     compute_infer: Duration = field(default_factory=Duration)
+    compute_output: Duration = field(default_factory=Duration)
     inference_count: int = 0
     execution_count: int = 0
     last_inference_ms: int = 0
-    batches: dict[int, Duration] = field(default_factory=dict)
+    batches: dict[int, BatchStatistics] = field(default_factory=dict)
 
 
 class ModelVersion:
@@ -69,6 +84,7 @@ class ModelVersion:
             settings.max_queue_images,
             settings.inline_max_images,
             name=f"{name}-{version}",
+            merge_idle_us=settings.merge_idle_us,
         )
         labels = (name, self.version)
         self._request_duration = metrics.REQUEST_DURATION.labels(*labels)
@@ -90,16 +106,16 @@ class ModelVersion:
             metrics.OFFLINE_ACCURACY.labels(*labels).set(float(self.metadata["test_accuracy"]))
 
     # BatchObserver
-    def on_queue_wait(self, seconds: float) -> None:
-        self._queue_duration.observe(seconds)
-        self.stats.queue.add(seconds)
-
-    def on_batch(self, images: int, requests: int, seconds: float) -> None:
+    def on_batch(self, images: int, requests: int, seconds: float, input_s: float, output_s: float) -> None:
         self._compute_duration.observe(seconds)
         self._batch_size.observe(images)
-        self.stats.compute_infer.add(seconds * requests, requests)  # each request ran for the whole batch
         self.stats.execution_count += 1
-        self.stats.batches.setdefault(images, Duration()).add(seconds)
+        batch = self.stats.batches.get(images)
+        if batch is None:
+            batch = self.stats.batches[images] = BatchStatistics()
+        batch.compute_input.add(input_s)
+        batch.compute_infer.add(seconds)
+        batch.compute_output.add(output_s)
 
     def on_shed(self, reason: str) -> None:
         metrics.SHED.labels(self.name, self.version, reason).inc()
@@ -107,17 +123,27 @@ class ModelVersion:
     def on_queue_depth(self, images: int) -> None:
         self._queue_images.set(images)
 
-    def record_request(self, code: str, seconds: float, images: int) -> None:
+    def record_success(
+        self, seconds: float, images: int, queue_s: float, input_s: float, infer_s: float, output_s: float
+    ) -> None:
+        """One answered request: metrics and statistics, in one place."""
         self._request_duration.observe(seconds)
-        if code == "OK":
-            self._ok.inc()
-            self._images.inc(images)
-            self.stats.success.add(seconds)
-            self.stats.inference_count += images
-            self.stats.last_inference_ms = int(time.time() * 1000)
-        else:
-            metrics.REQUESTS.labels(self.name, self.version, code).inc()
-            self.stats.fail.add(seconds)
+        self._queue_duration.observe(queue_s)
+        self._ok.inc()
+        self._images.inc(images)
+        s = self.stats
+        s.success.add(seconds)
+        s.queue.add(queue_s)
+        s.compute_input.add(input_s)
+        s.compute_infer.add(infer_s)
+        s.compute_output.add(output_s)
+        s.inference_count += images
+        s.last_inference_ms = int(time.time() * 1000)
+
+    def record_failure(self, code: str, seconds: float) -> None:
+        self._request_duration.observe(seconds)
+        metrics.REQUESTS.labels(self.name, self.version, code).inc()
+        self.stats.fail.add(seconds)
 
     def record_answers(self, probs: np.ndarray, classes: np.ndarray, labels: np.ndarray | None) -> None:
         """Drift signals for every answer (`classes`: probs.argmax(axis=1)); score labels attached to it."""

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
+
+import grpc
 
 from serving import __version__, codec
 from serving.config import IMAGE_PIXELS, NUM_CLASSES, Settings
@@ -16,6 +19,8 @@ from serving.protos import grpc_service_pb2_grpc as pb_grpc
 from serving.protos import model_config_pb2 as mc
 from serving.receipts import ReceiptKey
 from serving.repository import Duration, ModelRepository, ModelVersion
+
+log = logging.getLogger(__name__)
 
 SERVER_NAME = "mnist-serving"
 EXTENSIONS = ("model_configuration", "statistics", "model_repository", "parameters")
@@ -32,9 +37,18 @@ class ServerState:
 
     def __init__(self) -> None:
         self.draining = False  # SIGTERM received: not ready (health NOT_SERVING), still answering
-        self.refusing = False  # the drain's last moments: new calls get UNAVAILABLE with a retry pushback
+        # The drain's last moments: new calls get UNAVAILABLE with a retry pushback, streams stop reading.
+        self.refusing_started = asyncio.Event()
         self.last_call = 0.0  # time.monotonic() of the latest ModelInfer, refused ones included
         self.in_flight_bytes = 0  # serialized size of the ModelInfer requests inside a handler
+
+    @property
+    def refusing(self) -> bool:
+        return self.refusing_started.is_set()
+
+    @refusing.setter
+    def refusing(self, value: bool) -> None:
+        (self.refusing_started.set if value else self.refusing_started.clear)()
 
 
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
@@ -108,37 +122,122 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     @grpc_errors
     async def ModelInfer(self, request, context):
+        remaining = context.time_remaining()
+        return await self.infer(request, None if remaining is None else time.monotonic() + remaining)
+
+    async def ModelStreamInfer(self, request_iterator, context):
+        """Triton's bidirectional stream: each request answered (in completion order) with its id echoed."""
+        remaining = context.time_remaining()
+        deadline = None if remaining is None else time.monotonic() + remaining
+        stream = InferStream(self, request_iterator, deadline)
+        async for response in stream.responses():
+            yield response
+        if stream.cut_by_drain:
+            await context.abort(
+                grpc.StatusCode.UNAVAILABLE, "server is shutting down; reopen the stream on another replica"
+            )
+
+    async def infer(self, request: pb.ModelInferRequest, deadline: float | None) -> pb.ModelInferResponse:
+        """One inference, unary or streamed: decode, batch, encode; metrics and statistics for both."""
         start = time.perf_counter()
+        state = self.state
         IN_FLIGHT.inc()
-        self.state.last_call = time.monotonic()
+        state.last_call = time.monotonic()
         mv: ModelVersion | None = None
-        code, images, size = "OK", 0, 0
+        size = 0
         try:
-            if self.state.refusing:
+            if state.refusing:
                 raise ServerDraining("server is shutting down; retry on another replica")
             mv = self.repository.get(request.model_name, request.model_version)
             size = self._admit(request, mv)
             decoded = codec.decode_infer_request(request, self.settings.max_batch_size)
-            images = decoded.images.shape[0]
-            remaining = context.time_remaining()
-            deadline = None if remaining is None else time.monotonic() + remaining
-            probs = await mv.batcher.infer(decoded.images, deadline)
+            decoded_at = time.perf_counter()
+            probs, queue_s, infer_s = await mv.batcher.infer(decoded.images, deadline)
+            answered_at = time.perf_counter()
             classes = probs.argmax(axis=1)
             mv.record_answers(probs, classes, decoded.labels)
             # Labels attached to the request are scored already: no receipt to score them again.
             receipt = "" if decoded.labels is not None else self.receipts.issue(mv.name, mv.version, classes)
-            return codec.encode_infer_response(request, mv.version, probs, decoded.outputs, receipt, classes)
+            response = codec.encode_infer_response(request, mv.version, probs, decoded.outputs, receipt, classes)
+            end = time.perf_counter()
+            mv.record_success(end - start, probs.shape[0], queue_s, decoded_at - start, infer_s, end - answered_at)
+            return response
         except asyncio.CancelledError:
-            code = "CANCELLED"
+            if mv is not None:
+                mv.record_failure("CANCELLED", time.perf_counter() - start)
             raise
         except BaseException as exc:
-            code = status_of(exc)[0].name
+            if mv is not None:
+                mv.record_failure(status_of(exc)[0].name, time.perf_counter() - start)
             raise
         finally:
             IN_FLIGHT.dec()
-            self.state.in_flight_bytes -= size
-            if mv is not None:
-                mv.record_request(code, time.perf_counter() - start, images)
+            state.in_flight_bytes -= size
+
+
+class InferStream:
+    """One ModelStreamInfer call: reads requests while at most `stream_max_in_flight` are unanswered (then
+    stops reading, so HTTP/2 flow control slows the client), answers each as it completes, a bad request
+    with `error_message`; on drain stops reading and answers what it accepted."""
+
+    def __init__(self, servicer: InferenceServicer, requests, deadline: float | None) -> None:
+        self.servicer, self.requests, self.deadline = servicer, requests, deadline
+        self.window = asyncio.Semaphore(servicer.settings.stream_max_in_flight)
+        self.answers: asyncio.Queue[pb.ModelStreamInferResponse | None] = asyncio.Queue()
+        self.tasks: set[asyncio.Task] = set()
+        self.reading = True
+        self.cut_by_drain = False  # the drain stopped the reading: the stream ends UNAVAILABLE
+
+    async def responses(self):
+        reader = asyncio.create_task(self._read())
+        watcher = asyncio.create_task(self._stop_reading_on_drain(reader))
+        try:
+            while (answer := await self.answers.get()) is not None:
+                yield answer
+        finally:
+            watcher.cancel()
+            reader.cancel()
+            for task in self.tasks:
+                task.cancel()
+
+    async def _stop_reading_on_drain(self, reader: asyncio.Task) -> None:
+        await self.servicer.state.refusing_started.wait()
+        if self.reading:  # a client that already closed its side just gets its answers and OK
+            self.cut_by_drain = True
+            reader.cancel()
+
+    async def _read(self) -> None:
+        try:
+            async for request in self.requests:
+                await self.window.acquire()
+                task = asyncio.create_task(self._answer(request))
+                self.tasks.add(task)
+                task.add_done_callback(self.tasks.discard)
+        except asyncio.CancelledError:
+            pass  # drain or the call ended: accept nothing more, answer what was accepted
+        self.reading = False
+        while self.tasks:
+            await asyncio.wait(list(self.tasks))
+        self.answers.put_nowait(None)
+
+    async def _answer(self, request: pb.ModelInferRequest) -> None:
+        try:
+            response = pb.ModelStreamInferResponse(infer_response=await self.servicer.infer(request, self.deadline))
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            code, message = status_of(exc)
+            if code == grpc.StatusCode.INTERNAL:
+                log.exception("unexpected failure in ModelStreamInfer")
+            response = pb.ModelStreamInferResponse(
+                error_message=f"{code.name}: {message}",
+                infer_response=pb.ModelInferResponse(
+                    model_name=request.model_name, model_version=request.model_version, id=request.id
+                ),
+            )
+        finally:
+            self.window.release()
+        self.answers.put_nowait(response)
 
     def _admit(self, request, mv: ModelVersion) -> int:
         """Count the request's bytes in flight, or refuse it (before decoding copies it) when over the limit."""
@@ -206,10 +305,17 @@ def model_statistics(mv: ModelVersion) -> pb.ModelStatistics:
             success=_duration(s.success),
             fail=_duration(s.fail),
             queue=_duration(s.queue),
+            compute_input=_duration(s.compute_input),
             compute_infer=_duration(s.compute_infer),
+            compute_output=_duration(s.compute_output),
         ),
         batch_stats=[
-            pb.InferBatchStatistics(batch_size=size, compute_infer=_duration(d))
-            for size, d in sorted(s.batches.items())
+            pb.InferBatchStatistics(
+                batch_size=size,
+                compute_input=_duration(b.compute_input),
+                compute_infer=_duration(b.compute_infer),
+                compute_output=_duration(b.compute_output),
+            )
+            for size, b in sorted(s.batches.items())
         ],
     )

@@ -154,3 +154,14 @@ def test_accuracy_against_the_real_server(trained_repository, test_set, tmp_path
     assert many["errors"] == {} and many["answered_images"] == 1000
     assert many["accuracy"] == pytest.approx(expected.mean(), abs=1e-5)
     assert many["accuracy"] > 0.9
+
+
+def test_streaming_closed_loop_answers_each_request_once(nocompute, test_set):
+    """Over ModelStreamInfer: every request answered once (matched by the id it carries), the images it sent."""
+    x, y = test_set
+    with LoadGenerator(nocompute.target, x, y) as gen:
+        r = gen.run(Step(concurrency=4, duration=60, warmup=0, max_requests=300, stream=True))
+    assert r["label"] == "stream c=4 batch=1 FP32"
+    assert r["ok"] == r["requests"] == r["answered_images"] == 300 and r["errors"] == {}
+    assert r["accuracy"] == pytest.approx(np.mean(y[:300] == CONSTANT_CLASS), abs=1e-5)
+    _sane(r)

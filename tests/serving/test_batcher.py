@@ -17,19 +17,22 @@ class Recorder:
     def __init__(self):
         self.batches: list[tuple[int, int]] = []
         self.shed: list[str] = []
-        self.waits: list[float] = []
+        self.runs: list[tuple[float, float, float]] = []
 
-    def on_queue_wait(self, seconds):
-        self.waits.append(seconds)
-
-    def on_batch(self, images, requests, seconds):
+    def on_batch(self, images, requests, seconds, input_s, output_s):
         self.batches.append((images, requests))
+        self.runs.append((seconds, input_s, output_s))
 
     def on_shed(self, reason):
         self.shed.append(reason)
 
     def on_queue_depth(self, images):
         pass
+
+
+async def probs_of(call) -> np.ndarray:
+    probs, _, _ = await call
+    return probs
 
 
 def model(x: np.ndarray) -> np.ndarray:
@@ -59,7 +62,7 @@ async def test_idle_queue_runs_at_once_and_concurrent_requests_merge():
     rest = [asyncio.create_task(batcher.infer(np.full((n, 4), float(n)))) for n in (2, 3, 5)]
     await asyncio.sleep(0.01)
     gate.release.set()
-    results = await asyncio.gather(first, *rest)
+    results = [r[0] for r in await asyncio.gather(first, *rest)]
     assert rec.batches == [(1, 1), (10, 3)]  # the three waiting requests went as one run
     for n, probs in zip((1, 2, 3, 5), results, strict=True):
         assert probs.shape == (n, 10)
@@ -71,7 +74,9 @@ async def test_batches_never_exceed_max_batch_size():
     rec = Recorder()
     batcher = Batcher(model, rec, max_batch_size=8)
     sizes = [3, 5, 2, 7, 1, 8, 4] * 5
-    results = await asyncio.gather(*(batcher.infer(np.full((n, 2), float(i))) for i, n in enumerate(sizes)))
+    results = [
+        r[0] for r in await asyncio.gather(*(batcher.infer(np.full((n, 2), float(i))) for i, n in enumerate(sizes)))
+    ]
     assert all(images <= 8 for images, _ in rec.batches)
     assert sum(images for images, _ in rec.batches) == sum(sizes)
     for i, (n, probs) in enumerate(zip(sizes, results, strict=True)):
@@ -108,7 +113,7 @@ async def test_expired_deadline_is_dropped_before_compute():
     gate.release.set()
     with pytest.raises(DeadlineExceeded):
         await expired
-    assert (await alive).shape == (2, 10)
+    assert (await probs_of(alive)).shape == (2, 10)
     await running
     assert rec.shed == ["deadline"]
     assert rec.batches == [(1, 1), (2, 1)]  # the expired request never reached the model
@@ -132,7 +137,7 @@ async def test_a_failing_request_does_not_fail_its_batch_mates():
     gate.release.set()
     await blocker
     for task in good:
-        assert (await task).shape == (2, 10)
+        assert (await probs_of(task)).shape == (2, 10)
     with pytest.raises(ValueError, match="poison"):
         await bad
     batcher.close()
@@ -168,8 +173,8 @@ async def test_idle_small_requests_run_inline_and_busy_ones_queue():
         return gate(x) if x.shape[0] == 32 else model(x)
 
     batcher = Batcher(run, rec, max_batch_size=64, inline_max_images=4)
-    probs = await batcher.infer(np.ones((2, 3)))  # idle and small: computed in the caller, no worker task
-    assert probs.shape == (2, 10) and not batcher.busy
+    probs, queued, ran = await batcher.infer(np.ones((2, 3)))  # idle and small: computed in the caller, no worker task
+    assert probs.shape == (2, 10) and not batcher.busy and queued == 0.0 and ran > 0
     big = asyncio.create_task(batcher.infer(np.ones((32, 3))))  # too big for inline: goes to the thread
     await asyncio.to_thread(gate.started.wait, 5)
     small = [asyncio.create_task(batcher.infer(np.ones((1, 3)))) for _ in range(3)]
@@ -198,10 +203,42 @@ async def test_uint8_and_fp32_requests_never_share_a_run():
     rest = [asyncio.create_task(batcher.infer(np.full((i + 1, 4), i + 1, k))) for i, k in enumerate(kinds)]
     await asyncio.sleep(0.01)
     gate.release.set()
-    results = await asyncio.gather(first, *rest)
+    results = [r[0] for r in await asyncio.gather(first, *rest)]
     # FIFO order kept: fp32 x2 together, then the uint8 pair, then the last fp32 alone.
     assert rec.batches == [(1, 1), (3, 2), (7, 2), (5, 1)]
     assert [d.pop().name for d in dtypes] == ["float32", "float32", "uint8", "float32"]
     for i, probs in enumerate(results[1:]):
         np.testing.assert_array_equal(probs, np.full((i + 1, 10), 4.0 * (i + 1)))
+    batcher.close()
+
+
+async def test_each_request_learns_its_queue_wait_and_its_run_time():
+    rec = Recorder()
+    gate = Gate()
+    batcher = Batcher(gate, rec, max_batch_size=64)
+    first = asyncio.create_task(batcher.infer(np.ones((1, 4))))
+    await asyncio.to_thread(gate.started.wait, 5)
+    waiting = [asyncio.create_task(batcher.infer(np.ones((2, 4)))) for _ in range(2)]
+    await asyncio.sleep(0.05)
+    gate.release.set()
+    (_, q0, r0), (_, q1, r1), (_, q2, r2) = await asyncio.gather(first, *waiting)
+    assert rec.batches == [(1, 1), (4, 2)]
+    (run0, _, _), (run1, joined, split) = rec.runs
+    assert q0 < 0.05 <= q1 and q2 <= q1  # the two queued behind the gated run waited for it
+    assert (r0, r1, r2) == (run0, run1, run1)  # both requests of the merged run report the whole run
+    assert joined >= 0 and split >= 0
+    batcher.close()
+
+
+@pytest.mark.parametrize("merge_idle_us", [0, 10_000_000])
+async def test_requests_of_one_event_loop_turn_merge_and_an_idle_model_runs_at_once(merge_idle_us):
+    rec = Recorder()
+    batcher = Batcher(model, rec, max_batch_size=64, inline_max_images=8, merge_idle_us=merge_idle_us)
+    first, queued, _ = await batcher.infer(np.ones((1, 2)))
+    assert rec.batches == [(1, 1)] and queued == 0.0  # idle model: ran at once, in the caller
+    burst = [r[0] for r in await asyncio.gather(*(batcher.infer(np.full((1, 2), float(i))) for i in range(5)))]
+    # A burst arriving together right after a run goes as one run; merge_idle_us=0 runs each at once.
+    assert rec.batches[1:] == ([(5, 5)] if merge_idle_us else [(1, 1)] * 5)
+    for i, probs in enumerate(burst):
+        np.testing.assert_array_equal(probs, np.full((1, 10), 2.0 * i))
     batcher.close()

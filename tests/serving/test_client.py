@@ -24,9 +24,10 @@ def client(server, *args: str) -> subprocess.CompletedProcess:
 
 def test_evaluate_reports_the_accuracy_in_metadata(server, trained_repository):
     recorded = json.loads((trained_repository / "mnist/1/metadata.json").read_text())["test_accuracy"]
-    for datatype in ("UINT8", "FP32"):
-        result = client(server, "evaluate", "--batch-size", "500", "--datatype", datatype)
+    for datatype, *stream in (("UINT8",), ("FP32",), ("UINT8", "--stream")):
+        result = client(server, "evaluate", "--batch-size", "500", "--datatype", datatype, *stream)
         assert result.returncode == 0, result.stderr
+        assert ("ModelStreamInfer)" if stream else "ModelInfer)") in result.stdout
         accuracy = float(re.search(r"accuracy (\d\.\d+) on 10000 test images", result.stdout).group(1))
         assert accuracy == round(recorded, 4)
         assert re.search(r"p50 [\d.]+ ms, p90 [\d.]+ ms, p99 [\d.]+ ms", result.stdout)

@@ -33,7 +33,15 @@ def test_fp32_boundaries_accepted():
     assert codec.decode_infer_request(request(1, "FP32", x.tobytes()), 8).images.max() == 1.0
 
 
-@pytest.mark.parametrize("bad", [-1e-3, 1.0001, np.nan, np.inf, -np.inf])
+@pytest.mark.parametrize("edge", [-0.0, 1e-45, np.nextafter(np.float32(1), np.float32(0))])
+def test_fp32_edge_values_inside_the_range_accepted(edge):
+    """The range check compares bit patterns first: -0.0, subnormals and the largest float below 1 are pixels."""
+    x = np.zeros(784, "<f4")
+    x[3] = edge
+    assert codec.decode_infer_request(request(1, "FP32", x.tobytes()), 8).images[0, 3] == np.float32(edge)
+
+
+@pytest.mark.parametrize("bad", [-1e-3, 1.0001, np.nan, -np.nan, np.inf, -np.inf, -1e-45, np.float32(1.0000001)])
 def test_fp32_out_of_range_rejected(bad):
     x = np.zeros(784, "<f4")
     x[100] = bad
