@@ -64,6 +64,7 @@ def run_workers(settings: Settings) -> int:
     for child in children:
         child.start()
     log.info("%d workers on %s:%d (pids %s)", len(children), settings.host, port, [c.pid for c in children])
+    exit_code = 0
     if settings.metrics_port:
         from serving.metrics import start_metrics_server
 
@@ -71,11 +72,11 @@ def run_workers(settings: Settings) -> int:
             start_metrics_server(settings.metrics_port, settings.host)
         except OSError as exc:
             log.error("cannot serve metrics on %s:%d: %s", settings.host, settings.metrics_port, exc)
+            exit_code = 1  # a start-up failure, however cleanly the workers then stop
             forward(signal.SIGTERM, None)
 
     from prometheus_client import multiprocess
 
-    exit_code = 0
     while any(c.is_alive() for c in children):
         for child in children:
             if child.exitcode is not None and child.exitcode != 0 and not stopping:
