@@ -45,7 +45,7 @@ def permuted_classes(model_path: Path) -> bytes:
     return model.SerializeToString()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def two_versions(trained_repository, tmp_path_factory) -> Path:
     """mnist/1: the trained model; mnist/2: the same model with its classes permuted (same metadata.json)."""
     root = tmp_path_factory.mktemp("canary") / "repo"
@@ -56,7 +56,7 @@ def two_versions(trained_repository, tmp_path_factory) -> Path:
     return root
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def canary_server(two_versions, tmp_path_factory):
     """A server on `two_versions` running the canary every 0.3 s.
 

@@ -10,7 +10,7 @@ import time
 import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from metrics_helpers import CANARY, GOLDEN, RUNS, V1, V2, in_process_accuracy, metadata, scrape, stubs, wait_runs
+from metrics_helpers import CANARY, GOLDEN, RUNS, V1, V2, delta, in_process_accuracy, metadata, scrape, stubs, wait_runs
 from prometheus_client import REGISTRY
 from server_process import ROOT, start_server
 
@@ -106,6 +106,37 @@ def test_golden_set_helpers(tmp_path):
     assert load_golden_set(tmp_path, 10) is None  # no cache: never downloads
     probs = np.array([[0.1, 0.9], [0.2, np.nan], [0.8, 0.2]])
     assert accuracy(probs, np.array([1, 1, 1])) == 1 / 3  # a NaN row is wrong even where argmax would match
+
+
+# ---------------------------------------------------------------- the same server: labels land on the version asked for
+
+FEEDBACK = "mnist_serving_feedback_total"
+ONLINE = "mnist_serving_online_accuracy"
+WINDOW = 1000  # the server's default --accuracy-window: one request of this many labels fills it
+
+
+def test_labels_on_a_request_for_a_specific_version_score_that_version_only(canary_server, mnist_data):
+    """mnist/1 is the trained model, mnist/2 answers c+1 for c: each version's counters and window move by
+    exactly what its own answers scored, and the other version's do not move."""
+    x, y = mnist_data.x_test[:WINDOW], mnist_data.y_test[:WINDOW]
+    channel, infer, _ = stubs(canary_server.url)
+    with channel:
+        for version, other in (("1", "2"), ("2", "1")):
+            mine, theirs = {"model": "mnist", "version": version}, {"model": "mnist", "version": other}
+            before = scrape(canary_server)
+            request = infer_request(x, "mnist", version)
+            request.parameters["labels"].string_param = ",".join(map(str, y.tolist()))
+            reply = infer.ModelInfer(request, timeout=30)
+            after = scrape(canary_server)
+            assert reply.model_version == version
+            correct = int((probabilities(reply).argmax(axis=1) == y).sum())
+            assert delta(before, after, FEEDBACK, **mine, outcome="correct") == correct, version
+            assert delta(before, after, FEEDBACK, **mine, outcome="incorrect") == WINDOW - correct, version
+            assert after.get(ONLINE, **mine) == correct / WINDOW  # the window holds exactly these answers
+            assert delta(before, after, FEEDBACK, **theirs) == 0, version
+            np.testing.assert_equal(after.get(ONLINE, **theirs), before.get(ONLINE, **theirs))
+            if version == "2":
+                assert correct < WINDOW // 10  # the permuted model is almost always wrong: it really was v2
 
 
 # ---------------------------------------------------------------- in process: real models, batchers and metrics

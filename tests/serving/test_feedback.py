@@ -198,30 +198,3 @@ def test_expired_ids_come_back_unknown(trained_repository, mnist_data, tmp_path)
     assert delta(before, after, FEEDBACK, **M, outcome="incorrect") == 8 - correct
     assert after.get(ONLINE, **M) == correct / 8
     assert math.isnan(before.get(ONLINE, **M))  # no labelled answer yet: NaN, not 0% accurate
-
-
-# ---------------------------------------------------------------- two versions: labels land on the version asked for
-
-
-def test_labels_on_a_request_for_a_specific_version_score_that_version_only(canary_server, mnist_data):
-    """mnist/1 is the trained model, mnist/2 answers c+1 for c: each version's counters and window move by
-    exactly what its own answers scored, and the other version's do not move."""
-    x, y = mnist_data.x_test[2000 : 2000 + WINDOW], mnist_data.y_test[2000 : 2000 + WINDOW]
-    channel, infer, _ = stubs(canary_server.url)
-    with channel:
-        for version, other in (("1", "2"), ("2", "1")):
-            mine, theirs = {"model": "mnist", "version": version}, {"model": "mnist", "version": other}
-            before = scrape(canary_server)
-            request = infer_request(x, "mnist", version)
-            request.parameters["labels"].string_param = ",".join(map(str, y.tolist()))
-            reply = infer.ModelInfer(request, timeout=30)
-            after = scrape(canary_server)
-            assert reply.model_version == version
-            correct = int((probabilities(reply).argmax(axis=1) == y).sum())
-            assert delta(before, after, FEEDBACK, **mine, outcome="correct") == correct, version
-            assert delta(before, after, FEEDBACK, **mine, outcome="incorrect") == WINDOW - correct, version
-            assert after.get(ONLINE, **mine) == correct / WINDOW  # the window holds exactly these answers
-            assert delta(before, after, FEEDBACK, **theirs) == 0, version
-            np.testing.assert_equal(after.get(ONLINE, **theirs), before.get(ONLINE, **theirs))
-            if version == "2":
-                assert correct < WINDOW // 10  # the permuted model is almost always wrong: it really was v2
