@@ -3,6 +3,7 @@ multiprocess metrics start from zero whatever an earlier run left in PROMETHEUS_
 
 from __future__ import annotations
 
+import os
 import signal
 import socket
 import subprocess
@@ -51,6 +52,7 @@ def test_a_crashed_worker_stops_the_others_and_the_server_exits_non_zero(trained
 
 
 def test_a_metrics_port_in_use_is_a_start_up_failure_with_workers(trained_repository, tmp_path):
+    """Checked before any worker is started, as the single-process server does: exit 1, no worker ever ran."""
     busy = socket.socket()
     busy.bind(("127.0.0.1", 0))
     busy.listen()
@@ -64,6 +66,7 @@ def test_a_metrics_port_in_use_is_a_start_up_failure_with_workers(trained_reposi
     log = server.log()
     assert code == 1, log
     assert "cannot serve metrics on 127.0.0.1:" in log and "in use" in log, log
+    assert "workers on" not in log and "serving.server" not in log, log
     assert "Traceback" not in log, log
 
 
@@ -73,16 +76,10 @@ def stale_dir(tmp_path):
     directory = tmp_path / "prom"
     directory.mkdir()
     stale = "from serving import metrics; metrics.REQUESTS.labels('mnist', '1', 'OK').inc(1000)"
-    env = {**_clean_env(), "PROMETHEUS_MULTIPROC_DIR": str(directory)}
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(directory)}  # conftest removed SERVING_* already
     subprocess.run([sys.executable, "-c", stale], cwd=ROOT, env=env, check=True, timeout=60)
     assert list(directory.glob("counter_*.db"))
     return directory
-
-
-def _clean_env() -> dict:
-    import os
-
-    return {k: v for k, v in os.environ.items() if not k.startswith("SERVING_") and k != "PROMETHEUS_MULTIPROC_DIR"}
 
 
 def test_stale_multiprocess_files_are_cleared_at_start(trained_repository, tmp_path, stale_dir, reference):
