@@ -72,19 +72,19 @@ def run_workers(settings: Settings) -> int:
             if child.is_alive():
                 os.kill(child.pid, signum)
 
-    signal.signal(signal.SIGTERM, forward)
-    signal.signal(signal.SIGINT, forward)
-    for child in children:
-        child.start()
-    log.info("%d workers on %s:%d (pids %s)", len(children), settings.host, port, [c.pid for c in children])
-    if settings.metrics_port:
+    if settings.metrics_port:  # before any worker starts: a port in use is a start-up failure, as with one process
         from serving.metrics import start_metrics_server
 
         try:
             start_metrics_server(settings.metrics_port, settings.host)
         except OSError as exc:
             log.error("cannot serve metrics on %s:%d: %s", settings.host, settings.metrics_port, exc)
-            forward(signal.SIGTERM, None)
+            return 1
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    for child in children:
+        child.start()
+    log.info("%d workers on %s:%d (pids %s)", len(children), settings.host, port, [c.pid for c in children])
 
     from prometheus_client import multiprocess
 

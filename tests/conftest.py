@@ -9,6 +9,11 @@ import pytest
 
 # Quiet TensorFlow's C++ logging; must be set before anything imports TensorFlow.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# A developer's shell must not change what the tests see: SERVING_* would reconfigure every server the tests start
+# (and Settings() in-process), PROMETHEUS_MULTIPROC_DIR would switch metrics to multiprocess mode. Removed here, at
+# import, before any test module imports prometheus_client; a test that wants them passes them explicitly.
+for _name in [n for n in os.environ if n.startswith("SERVING_") or n == "PROMETHEUS_MULTIPROC_DIR"]:
+    del os.environ[_name]
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -46,3 +51,19 @@ def trained_mlp(mnist_data, tmp_path_factory):
 def trained_repository(trained_mlp) -> Path:
     """A model repository holding mnist/1 (model.onnx + metadata.json) from the 1-epoch MLP; do not modify."""
     return trained_mlp.version_dir.parent.parent
+
+
+@pytest.fixture(scope="session")
+def active_provider(trained_repository) -> str:
+    """The execution provider onnxruntime really runs the model on here: CUDA on a machine where CUDA works,
+    else CPU. Tests assert this instead of hard-coding CPU, so `make test` passes on a GPU machine too."""
+    import onnxruntime as ort
+
+    if hasattr(ort, "preload_dlls"):  # as the server does: CUDA libraries shipped in pip wheels
+        try:
+            ort.preload_dlls()
+        except Exception:  # noqa: BLE001 - a CPU-only machine
+            pass
+    wanted = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in ort.get_available_providers()]
+    session = ort.InferenceSession(str(trained_repository / "mnist" / "1" / "model.onnx"), providers=wanted)
+    return session.get_providers()[0]

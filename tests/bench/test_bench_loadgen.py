@@ -102,7 +102,9 @@ def test_open_loop_latency_counts_from_the_schedule(slow_nocompute, test_set):
     assert r["requests"] == 100 and r["errors"] == {}
     assert r["latency_ms"]["p50"] >= 20
     assert r["latency_ms"]["max"] >= 100 * 20 - 500
-    assert r["max_send_lag_ms"] >= 0
+    # Each slot's send lag is part of its latency (measured from the same slot): never more than the worst latency.
+    # (Its size is this machine's scheduling noise: reported by `make bench`, not asserted here.)
+    assert 0 <= r["max_send_lag_ms"] <= r["latency_ms"]["max"]
 
 
 @pytest.mark.parametrize("target", ["10.0.0.1:8001", "[2001:db8::1]:8001", "0.0.0.0:8001", "192.0.2.7:80"])

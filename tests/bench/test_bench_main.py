@@ -52,6 +52,12 @@ def test_quick_run_writes_results_and_stops_its_servers(trained_repository, tmp_
         pa_runs = report["servers"]["real-w1"]["perf_analyzer"]
         assert {r["label"] for r in pa_runs} >= {"unary c=1 batch=1", "stream c=16 batch=1", "unary c=2 batch=256"}
         assert "perf_analyzer against real-w1" in done.stdout
+    for g in report["goals"]:  # each verdict follows from its own figure and target, in the stated direction
+        higher = " <= " not in g["goal"]  # "at most" goals say <=; the others are "at least"
+        if g["met"] is None:
+            continue
+        assert isinstance(g["value"], int | float) and g["value"] > 0, g
+        assert g["met"] is (g["value"] >= g["target"] if higher else g["value"] <= g["target"]), g
     for pids in report["server_pids"].values():
         assert pids and not any(psutil.pid_exists(p) and psutil.Process(p).status() != "zombie" for p in pids)
 

@@ -8,7 +8,9 @@ import time
 from dataclasses import dataclass
 
 import grpc
-from rel_harness import CLIENT_OPTIONS, add_version, metric_value, report, shifted_model
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from rel_harness import CLIENT_OPTIONS, add_version, channel, infer_ok, metric_value, report, shifted_model
 from server_process import start_server
 
 from serving.client import infer_request, probabilities
@@ -144,3 +146,111 @@ async def test_versions_come_and_go_under_load(repository, tmp_path, reference):
 
 async def _value(value):
     return await value if asyncio.iscoroutine(value) or isinstance(value, asyncio.Future) else value
+
+
+# ---------------------------------------------------------------- models and versions come and go (one process)
+
+SERIES = (  # the per-version series a loaded version reports and an unloaded one must stop reporting
+    "mnist_serving_execution_provider_info",
+    "mnist_serving_offline_accuracy",
+    "mnist_serving_model_load_seconds",
+    "mnist_serving_online_accuracy",
+    "mnist_serving_queue_images",
+)
+
+
+def _health(server, name: str) -> str:
+    with grpc.insecure_channel(server.url) as ch:
+        try:
+            reply = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service=name), timeout=5)
+        except grpc.RpcError as err:
+            return err.code().name
+    return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+
+
+def _wait(condition, what: str, server) -> None:
+    deadline = time.monotonic() + GUARD_S
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}:\n{server.log()[-3000:]}"
+        assert server.proc.poll() is None, server.log()
+        time.sleep(0.05)
+
+
+def _reported(text: str, model: str, version: str) -> list[str]:
+    return [name for name in SERIES if f'model="{model}"' in text and _has(text, name, model, version)]
+
+
+def _has(text: str, name: str, model: str, version: str) -> bool:
+    return any(
+        line.startswith(name + "{") and f'model="{model}"' in line and f'version="{version}"' in line
+        for line in text.splitlines()
+    )
+
+
+def test_a_new_model_and_a_new_version_appear_then_go_with_their_series(repository, tmp_path, reference):
+    server = start_server(repository, tmp_path, "--model-poll-interval-s", "0.2")
+    try:
+        # A whole new model, published atomically (built under a hidden name, renamed into place).
+        staging = repository / ".tmp-digits"
+        shutil.copytree(repository / "mnist" / "1", staging / "1")
+        staging.rename(repository / "digits")
+        add_version(repository / "mnist", 2, repository / "mnist" / "1")
+        _wait(lambda: _health(server, "digits") == "SERVING", "model digits", server)
+        _wait(lambda: infer_ok(server, reference.images[:1])[1] == "2", "mnist/2", server)
+        with channel(server) as ch:
+            stub = pb_grpc.GRPCInferenceServiceStub(ch)
+            reply = stub.ModelInfer(infer_request(reference.images[:8], "digits"), timeout=30)
+            index = stub.RepositoryIndex(pb.RepositoryIndexRequest(), timeout=10)
+        loaded = server.metrics()
+
+        # A version removed while its model stays: its series go (single process: removed, not blanked).
+        shutil.rmtree(repository / "mnist" / "2")
+        _wait(lambda: not _has(server.metrics(), SERIES[0], "mnist", "2"), "mnist/2 series to go", server)
+        version_gone = server.metrics()
+
+        # A whole model removed: not ready, NOT_FOUND, its series gone; the other model serves on.
+        (repository / "digits").rename(repository / ".trash-digits")
+        shutil.rmtree(repository / ".trash-digits")
+        _wait(lambda: _health(server, "digits") == "NOT_SERVING", "model digits to go", server)
+        with channel(server) as ch, pytest.raises(grpc.RpcError) as gone:
+            pb_grpc.GRPCInferenceServiceStub(ch).ModelInfer(infer_request(reference.images[:1], "digits"), timeout=10)
+        model_gone = server.metrics()
+        probs, version = infer_ok(server, reference.images[:16])
+    finally:
+        code = server.stop()
+    assert code == 0, server.log()
+    assert reply.model_name == "digits" and reply.model_version == "1"
+    assert reference.check(0, 8, probabilities(reply))
+    assert {(m.name, m.version, m.state) for m in index.models} == {
+        ("mnist", "1", "READY"), ("mnist", "2", "READY"), ("digits", "1", "READY"),
+    }  # fmt: skip
+    for model, v in (("mnist", "1"), ("mnist", "2"), ("digits", "1")):
+        assert _reported(loaded, model, v) == list(SERIES), (model, v)
+    assert _reported(version_gone, "mnist", "2") == []
+    assert _reported(version_gone, "mnist", "1") == list(SERIES)
+    assert gone.value.code() == grpc.StatusCode.NOT_FOUND
+    assert gone.value.details() == "unknown model 'digits' (models: mnist)"
+    assert _reported(model_gone, "digits", "1") == []
+    assert _reported(model_gone, "mnist", "1") == list(SERIES)
+    assert version == "1" and reference.check(0, 16, probs)
+    assert "unloading model digits version 1" in server.log()
+
+
+def test_a_failing_rescan_is_logged_and_polling_goes_on(repository, tmp_path, reference):
+    """A folder named '²' (a digit to str.isdigit, not to int) makes a rescan raise: the server logs it, keeps
+    serving what is loaded, and the next rescans still pick up new versions once the folder is gone."""
+    server = start_server(repository, tmp_path, "--model-poll-interval-s", "0.2")
+    try:
+        odd = repository / "mnist" / "²"
+        shutil.copytree(repository / "mnist" / "1", odd)
+        _wait(lambda: "repository rescan failed; serving what is loaded" in server.log(), "a failed rescan", server)
+        during = infer_ok(server, reference.images[:8])
+        shutil.rmtree(odd)
+        add_version(repository / "mnist", 2, repository / "mnist" / "1")
+        _wait(lambda: infer_ok(server, reference.images[:1])[1] == "2", "mnist/2 after the failures", server)
+        after = infer_ok(server, reference.images[:8])
+    finally:
+        code = server.stop()
+    assert code == 0, server.log()
+    assert during[1] == "1" and reference.check(0, 8, during[0])
+    assert after[1] == "2" and reference.check(0, 8, after[0])

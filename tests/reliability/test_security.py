@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 import time
@@ -20,6 +21,10 @@ from serving.protos import grpc_service_pb2 as pb
 from serving.protos import grpc_service_pb2_grpc as pb_grpc
 
 RESULTS: dict[str, object] = {}
+needs_openssl = pytest.mark.skipif(
+    shutil.which("openssl") is None,
+    reason="no openssl binary: it makes the throw-away certificates for the TLS tests (Debian package openssl)",
+)
 
 
 def _self_signed(directory: Path, name: str) -> tuple[Path, Path]:
@@ -62,6 +67,7 @@ def server(trained_repository, tmp_path_factory):
     assert srv.stop() == 0, srv.log()
 
 
+@needs_openssl
 def test_tls_client_works_and_plaintext_or_untrusted_clients_do_not(trained_repository, tmp_path, reference):
     cert, key = _self_signed(tmp_path, "server")
     other, _ = _self_signed(tmp_path, "other")
@@ -91,6 +97,37 @@ def test_tls_client_works_and_plaintext_or_untrusted_clients_do_not(trained_repo
     assert plain.value.code() == grpc.StatusCode.UNAVAILABLE
     assert untrusted.value.code() == grpc.StatusCode.UNAVAILABLE
     assert cli.returncode == 0, cli.stdout + cli.stderr
+
+
+def _mismatched(tmp_path: Path) -> tuple[Path, Path]:
+    cert, _ = _self_signed(tmp_path, "a")
+    _, key = _self_signed(tmp_path, "b")
+    return cert, key  # a certificate with another certificate's private key
+
+
+def _not_pem(tmp_path: Path) -> tuple[Path, Path]:
+    cert, key = tmp_path / "junk.crt", tmp_path / "junk.key"
+    cert.write_text("-----BEGIN CERTIFICATE-----\nnot base64 at all\n-----END CERTIFICATE-----\n")
+    key.write_text("hello")
+    return cert, key
+
+
+@needs_openssl
+@pytest.mark.parametrize("pair", [_mismatched, _not_pem], ids=["cert-with-another-key", "not-pem"])
+def test_a_bad_certificate_and_key_pair_is_a_clear_start_up_failure(trained_repository, tmp_path, pair):
+    cert, key = pair(tmp_path)
+    server = start_server(trained_repository, tmp_path, "--tls-cert", str(cert), "--tls-key", str(key), wait=False)
+    code = server.proc.wait(60)
+    log = server.log()
+    errors = [line for line in log.splitlines() if " ERROR " in line]
+    assert code == 1, log
+    assert "Traceback" not in log, log
+    port = server.grpc_port
+    assert (
+        f"ERROR {server.proc.pid} serving.server: start-up failed: cannot listen on 127.0.0.1:{port} with TLS "
+        in (errors[-1])
+    ), log
+    assert "(are --tls-cert/--tls-key a PEM certificate and its private key?)" in errors[-1], log
 
 
 def _http(method: str, url: str) -> tuple[int, str]:

@@ -16,6 +16,7 @@ from server_process import start_server
 from serving.protos import grpc_service_pb2 as pb
 from serving.protos import grpc_service_pb2_grpc as pb_grpc
 
+CUDA = "CUDAExecutionProvider"
 RECORD = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ (DEBUG|INFO|WARNING|ERROR|CRITICAL) ")
 GRPC_CORE_RECORD = re.compile(r"^[IWE]\d{4} \d\d:\d\d:\d\d\.\d+ +\d+ \w+\.cc:\d+\] ")  # gRPC's own stderr
 RESULTS: dict[str, dict] = {}
@@ -70,17 +71,27 @@ CASES = {
     ),
     "invalid setting": (None, ["--max-batch-size", "0"], 2, r"error: --max-batch-size: Input should be greater"),
     "TLS cert without key": (None, ["--tls-cert", "/nonexistent.pem"], 2, r"error: tls_cert and tls_key must be"),
+    "TLS key missing": (
+        None, ["--tls-cert", "{repo}/mnist/1/metadata.json", "--tls-key", "/nonexistent.key"], 1,
+        r"start-up failed: cannot read the TLS key/certificate: .*No such file or directory: '/nonexistent.key'",
+    ),
+    "TLS certificate unreadable (a directory)": (
+        None, ["--tls-cert", "{repo}", "--tls-key", "{repo}/mnist/1/metadata.json"], 1,
+        r"start-up failed: cannot read the TLS key/certificate: .*Is a directory",
+    ),
 }  # fmt: skip
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_startup_fault_exits_non_zero_with_one_clear_line(case, repository, tmp_path):
+def test_startup_fault_exits_non_zero_with_one_clear_line(case, repository, tmp_path, active_provider):
+    if case == "--require-gpu without a GPU" and active_provider == CUDA:
+        pytest.skip("CUDA is active here: test_require_gpu_with_cuda_active serves instead")
     change, flags, expected_code, line = CASES[case]
     if change is not None:
         change(repository)
     busy = _listening_socket()
     try:
-        flags = [f.format(port=busy.getsockname()[1]) for f in flags]
+        flags = [f.format(port=busy.getsockname()[1], repo=repository) for f in flags]
         server = start_server(repository, tmp_path, *flags, wait=False)
         code = server.proc.wait(60)
     finally:
@@ -94,6 +105,22 @@ def test_startup_fault_exits_non_zero_with_one_clear_line(case, repository, tmp_
     # Every line is a log record (ours or gRPC core's) or argparse's usage banner: no multi-line dumps.
     banner = ("usage:", " ", "python -m serving")
     assert all(RECORD.match(ln) or GRPC_CORE_RECORD.match(ln) or ln.startswith(banner) for ln in log.splitlines()), log
+
+
+def test_require_gpu_with_cuda_active_serves_on_cuda(trained_repository, tmp_path, active_provider, reference):
+    """The other half of the --require-gpu case, on a machine where CUDA really runs."""
+    if active_provider != CUDA:
+        pytest.skip(f"no CUDA here (onnxruntime runs on {active_provider}): the start-up fault case covers it")
+    server = start_server(trained_repository, tmp_path, "--require-gpu")
+    try:
+        probs, _ = infer_ok(server, reference.images[:16])
+        text = server.metrics()
+    finally:
+        code = server.stop()
+    assert code == 0, server.log()
+    assert reference.check(0, 16, probs)
+    assert metric_value(text, "mnist_serving_gpu_required") == 1
+    assert metric_value(text, "mnist_serving_execution_provider_info", provider=CUDA) == 1
 
 
 def test_one_bad_version_among_good_ones_is_reported_and_skipped(repository, tmp_path, reference):

@@ -13,6 +13,9 @@ from serving.protos import feedback_pb2_grpc
 from serving.protos import grpc_service_pb2_grpc as pb_grpc
 
 GOLDEN = 1000  # canary images in these tests
+CANARY = "mnist_serving_canary_accuracy"
+RUNS = "mnist_serving_canary_runs_total"
+V1, V2 = {"model": "mnist", "version": "1"}, {"model": "mnist", "version": "2"}
 
 
 class Snapshot:
@@ -54,6 +57,15 @@ def wait_for_metric(server, name: str, timeout: float = 30, **labels: str) -> Sn
             break
         time.sleep(0.1)
     raise AssertionError(f"{name}{labels} never appeared in /metrics:\n{server.log()[-3000:]}")
+
+
+def wait_runs(server, runs: int, timeout: float = 30, **labels: str) -> None:
+    """Scrape until the canary has run `runs` times successfully on the version in `labels`."""
+    deadline = time.monotonic() + timeout
+    while scrape(server).get(RUNS, **labels, result="ok") < runs:
+        assert time.monotonic() < deadline, f"fewer than {runs} canary runs:\n{server.log()[-3000:]}"
+        assert server.proc.poll() is None, server.log()
+        time.sleep(0.1)
 
 
 def metadata(repository: Path, version: int = 1) -> dict:

@@ -120,7 +120,10 @@ async def test_expired_deadline_is_dropped_before_compute():
     batcher.close()
 
 
-async def test_a_failing_request_does_not_fail_its_batch_mates():
+@pytest.mark.parametrize("inline_max", [0, 16], ids=["thread", "inline"])
+async def test_a_failing_request_does_not_fail_its_batch_mates(inline_max):
+    """On the thread (a big run) and inline on the event loop (a small one), the batch is retried one by one."""
+
     def picky(x):
         if np.isnan(x).any():
             raise ValueError("poison")
@@ -128,8 +131,10 @@ async def test_a_failing_request_does_not_fail_its_batch_mates():
 
     rec = Recorder()
     gate = Gate()
-    batcher = Batcher(lambda x: gate(x) if x.shape[0] == 1 and x[0, 0] == 7 else picky(x), rec, max_batch_size=16)
-    blocker = asyncio.create_task(batcher.infer(np.full((1, 2), 7.0)))
+    run = lambda x: gate(x) if x[0, 0] == 7 else picky(x)  # noqa: E731
+    batcher = Batcher(run, rec, max_batch_size=32, inline_max_images=inline_max)
+    # 20 images: over any inline limit, so the blocker runs on the thread and the gate can hold it.
+    blocker = asyncio.create_task(batcher.infer(np.full((20, 2), 7.0)))
     await asyncio.to_thread(gate.started.wait, 5)
     good = [asyncio.create_task(batcher.infer(np.ones((2, 2)))) for _ in range(3)]
     bad = asyncio.create_task(batcher.infer(np.full((1, 2), np.nan)))
@@ -140,16 +145,93 @@ async def test_a_failing_request_does_not_fail_its_batch_mates():
         assert (await probs_of(task)).shape == (2, 10)
     with pytest.raises(ValueError, match="poison"):
         await bad
+    # The merged run of 7 images failed (not recorded); each request then ran alone and only the poison one failed.
+    assert rec.batches == [(20, 1)] + [(2, 1)] * 3
+    assert batcher.queued_images == 0 and not batcher.busy
     batcher.close()
 
 
-async def test_queue_delay_lets_a_batch_fill():
+async def test_an_exception_on_the_inline_path_reaches_the_caller_and_the_batcher_stays_usable():
     rec = Recorder()
-    batcher = Batcher(model, rec, max_batch_size=8, max_queue_delay_us=200_000)
-    results = await asyncio.gather(*(batcher.infer(np.ones((2, 2))) for _ in range(4)))
-    assert len(results) == 4
-    assert rec.batches == [(8, 4)]  # full batch released before the delay ran out
+
+    def run(x):
+        if np.isnan(x).any():
+            raise ValueError("poison")
+        return model(x)
+
+    batcher = Batcher(run, rec, max_batch_size=16, inline_max_images=4)
+    with pytest.raises(ValueError, match="poison"):
+        await batcher.infer(np.full((2, 2), np.nan))  # idle and small: computed in the caller
+    assert rec.batches == [] and batcher.queued_images == 0 and not batcher.busy
+    np.testing.assert_array_equal(await batcher.infer(np.full((3, 2), 2.0)), np.full((3, 10), 4.0))
+    assert rec.batches == [(3, 1)]
     batcher.close()
+
+
+async def test_queue_delay_holds_a_partial_batch_and_releases_it_when_it_fills():
+    """The first request finds the model idle; with a delay it is held (not run) while others join, and the
+    batch goes as soon as it is full, long before the delay runs out."""
+    rec = Recorder()
+    batcher = Batcher(model, rec, max_batch_size=8, max_queue_delay_us=60_000_000)
+    first = asyncio.create_task(batcher.infer(np.full((2, 2), 1.0)))
+    await asyncio.sleep(0.05)  # without the delay this request would have run by now
+    assert rec.batches == [] and not first.done() and batcher.busy
+    more = [asyncio.create_task(batcher.infer(np.full((2, 2), float(i)))) for i in (2, 3)]
+    await asyncio.sleep(0.05)
+    assert rec.batches == [] and batcher.queued_images == 6  # 6 of 8: still held
+    last = asyncio.create_task(batcher.infer(np.full((2, 2), 4.0)))
+    # Full: released at once. The guard is far below the 60 s delay, so a broken early release fails here.
+    results = await asyncio.wait_for(asyncio.gather(first, *more, last), 20)
+    assert rec.batches == [(8, 4)]
+    for i, probs in enumerate(results, start=1):
+        np.testing.assert_array_equal(probs, np.full((2, 10), 2.0 * i))  # row sums: each answer is its own
+    batcher.close()
+
+
+async def test_queue_delay_releases_a_batch_that_never_fills():
+    rec = Recorder()
+    batcher = Batcher(model, rec, max_batch_size=8, max_queue_delay_us=100_000)
+    first = asyncio.create_task(batcher.infer(np.ones((2, 2))))
+    await asyncio.sleep(0.01)
+    second = asyncio.create_task(batcher.infer(np.ones((3, 2))))
+    await asyncio.wait_for(asyncio.gather(first, second), 20)
+    assert rec.batches == [(5, 2)]  # held together for the delay, then run although 3 images short
+    batcher.close()
+
+
+async def test_a_cancelled_caller_without_deadline_is_skipped():
+    rec = Recorder()
+    gate = Gate()
+    batcher = Batcher(gate, rec, max_batch_size=16)
+    running = asyncio.create_task(batcher.infer(np.ones((1, 2))))
+    await asyncio.to_thread(gate.started.wait, 5)
+    gone = asyncio.create_task(batcher.infer(np.ones((5, 2))))
+    kept = asyncio.create_task(batcher.infer(np.ones((2, 2))))
+    await asyncio.sleep(0.01)
+    gone.cancel()  # the client went away (gRPC cancels the handler): no deadline involved
+    gate.release.set()
+    await running
+    assert (await kept).shape == (2, 10)
+    assert gone.cancelled()
+    assert rec.batches == [(1, 1), (2, 1)]  # the cancelled request's 5 images never reached the model
+    assert rec.shed == [] and batcher.queued_images == 0
+    batcher.close()
+
+
+async def test_close_with_queued_work_fails_the_waiting_callers_instead_of_leaving_them_hanging():
+    rec = Recorder()
+    gate = Gate()
+    batcher = Batcher(gate, rec, max_batch_size=4)
+    running = asyncio.create_task(batcher.infer(np.ones((4, 2))))
+    await asyncio.to_thread(gate.started.wait, 5)
+    queued = [asyncio.create_task(batcher.infer(np.ones((3, 2)))) for _ in range(2)]
+    await asyncio.sleep(0.01)
+    batcher.close()
+    gate.release.set()
+    results = await asyncio.wait_for(asyncio.gather(running, *queued, return_exceptions=True), 20)
+    assert results[0].shape == (4, 10)  # the run already on the thread finishes
+    assert all(isinstance(r, RuntimeError) for r in results[1:]), results[1:]  # no thread to run on any more
+    assert batcher.queued_images == 0 and not batcher.busy
 
 
 async def test_drain_waits_for_queued_work():

