@@ -174,6 +174,19 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             IN_FLIGHT.dec()
             state.in_flight_bytes -= size
 
+    def _admit(self, request, mv: ModelVersion) -> int:
+        """Count the request's bytes in flight, or refuse it (before decoding copies it) when over the limit."""
+        size = request.ByteSize()
+        held = self.state.in_flight_bytes
+        if held and held + size > self.settings.max_inflight_bytes:  # one request alone is always admitted
+            mv.on_shed("inflight_bytes")
+            raise Overloaded(
+                f"server memory bound: {held >> 20} MiB of requests in flight, limit "
+                f"{self.settings.max_inflight_bytes >> 20} MiB; retry later"
+            )
+        self.state.in_flight_bytes = held + size
+        return size
+
 
 class InferStream:
     """One ModelStreamInfer call: reads requests while at most `stream_max_in_flight` are unanswered (then
@@ -238,19 +251,6 @@ class InferStream:
         finally:
             self.window.release()
         self.answers.put_nowait(response)
-
-    def _admit(self, request, mv: ModelVersion) -> int:
-        """Count the request's bytes in flight, or refuse it (before decoding copies it) when over the limit."""
-        size = request.ByteSize()
-        held = self.state.in_flight_bytes
-        if held and held + size > self.settings.max_inflight_bytes:  # one request alone is always admitted
-            mv.on_shed("inflight_bytes")
-            raise Overloaded(
-                f"server memory bound: {held >> 20} MiB of requests in flight, limit "
-                f"{self.settings.max_inflight_bytes >> 20} MiB; retry later"
-            )
-        self.state.in_flight_bytes = held + size
-        return size
 
 
 class FeedbackServicer(feedback_pb2_grpc.FeedbackServiceServicer):
