@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import atexit
 import contextlib
-import ctypes
 import ipaddress
 import logging
 import os
@@ -73,10 +72,17 @@ def free_port(host: str = "127.0.0.1") -> int:
 _LIVE: set[ChildServer] = set()
 
 
-def _set_pdeathsig() -> None:
-    """In the child before exec: receive SIGTERM if the benchmark process dies (even by SIGKILL)."""
-    with contextlib.suppress(Exception):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+# Run as `python -c _PDEATHSIG_EXEC cmd...`: asks for SIGTERM when the parent dies (even by SIGKILL), then execs
+# cmd (the request survives exec). NOTE: not a preexec_fn: Python code between fork and exec in a process with
+# threads (gRPC's, the tests') can deadlock or crash the child (seen: a segfault in ctypes after fork).
+_PDEATHSIG_EXEC = (
+    "import ctypes, os, sys\n"
+    "try:\n"
+    "    ctypes.CDLL('libc.so.6', use_errno=True).prctl(1, 15)  # PR_SET_PDEATHSIG, SIGTERM\n"
+    "except Exception:\n"
+    "    pass\n"
+    "os.execvp(sys.argv[1], sys.argv[1:])\n"
+)
 
 
 def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
@@ -119,12 +125,11 @@ class ChildServer:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "wb") as logf:
             self.proc = subprocess.Popen(
-                self.cmd,
+                [sys.executable, "-c", _PDEATHSIG_EXEC, *self.cmd],
                 stdin=subprocess.DEVNULL,
                 stdout=logf,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,  # own process group: stop() also reaches worker processes
-                preexec_fn=_set_pdeathsig,
                 cwd=REPO_ROOT,
                 env=child_env(self.env),
             )
