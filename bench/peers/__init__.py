@@ -24,8 +24,16 @@ def venv(name: str) -> Path:
 
 
 def pins(name: str) -> list[str]:
+    """The peer's extra, with `mnist-serving[runtime]` replaced by that extra's pins (the one onnxruntime pin)."""
     project = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]
-    return project["optional-dependencies"][f"peer-{name}"]
+    optional = project["optional-dependencies"]
+    out: list[str] = []
+    for spec in optional[f"peer-{name}"]:
+        if spec.startswith(project["name"] + "["):
+            out += optional[spec[spec.index("[") + 1 : spec.index("]")]]
+        else:
+            out.append(spec)
+    return out
 
 
 def install(name: str, base_python: str = "python3") -> None:

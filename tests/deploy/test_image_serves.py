@@ -21,7 +21,6 @@ import image_venv
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from k8s_check import DOCKER, env_vars, find_object, last, stages
-from server_process import ServerProcess, wait_serving
 
 from bench.common import free_port
 from serving.client import infer_request, probabilities
@@ -69,8 +68,29 @@ def pod_command(objects: list[dict], python: Path, paths: dict[str, Path], ports
 
 
 def start(argv: list[str], env: dict, cwd: Path, log: Path) -> subprocess.Popen:
+    """The container's process: its own env and working directory (not the source tree, so `python -m serving`
+    imports the package installed in the image venv, as in the image)."""
     with open(log, "w") as out:
         return subprocess.Popen(argv, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT)
+
+
+def wait_serving(proc: subprocess.Popen, url: str, log: Path, timeout: float) -> None:
+    """What the startup probe waits for: health service "" SERVING."""
+    deadline = time.monotonic() + timeout
+    with grpc.insecure_channel(url) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while time.monotonic() < deadline:
+            assert proc.poll() is None, f"exited with {proc.returncode}:\n{log.read_text()[-3000:]}"
+            try:
+                if (
+                    stub.Check(health_pb2.HealthCheckRequest(), timeout=1).status
+                    == health_pb2.HealthCheckResponse.SERVING
+                ):
+                    return
+            except grpc.RpcError:
+                pass
+            time.sleep(0.1)
+    raise AssertionError(f"not SERVING within {timeout}s:\n{log.read_text()[-3000:]}")
 
 
 @pytest.fixture
@@ -101,11 +121,11 @@ def test_cpu_overlay_serves_from_the_image_dependency_set(rendered, image_python
     argv, env = pod_command(objects, image_python, pod, {"8001": str(grpc_port), "8002": str(metrics_port)})
     log = pod["/tmp"].parent / "server.log"
     proc = start(argv, env, pod["/tmp"], log)
-    server = ServerProcess(proc, grpc_port, metrics_port, log, argv)
+    url = f"127.0.0.1:{grpc_port}"
     try:
         probe = server_spec["startupProbe"]
-        wait_serving(server, timeout=probe["periodSeconds"] * probe["failureThreshold"])
-        with grpc.insecure_channel(server.url) as channel:
+        wait_serving(proc, url, log, timeout=probe["periodSeconds"] * probe["failureThreshold"])
+        with grpc.insecure_channel(url) as channel:
             live = health_pb2_grpc.HealthStub(channel).Check(
                 health_pb2.HealthCheckRequest(service=server_spec["livenessProbe"]["grpc"].get("service", "")),
                 timeout=5,
@@ -127,7 +147,9 @@ def test_cpu_overlay_serves_from_the_image_dependency_set(rendered, image_python
         code = proc.wait(deployment["spec"]["template"]["spec"]["terminationGracePeriodSeconds"])
         took = time.monotonic() - signalled
     finally:
-        server.stop(signal.SIGKILL)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
     text = log.read_text()
     assert code == 0, text[-3000:]
     assert "Traceback" not in text and "rejected" not in text, text[-3000:]

@@ -97,3 +97,64 @@ def test_stale_multiprocess_files_are_cleared_at_start(trained_repository, tmp_p
         code = server.stop()
     assert code == 0, server.log()
     assert (before, after) == (0, 3)
+
+
+async def test_sigterm_with_workers_under_load_drains_every_worker(trained_repository, tmp_path, reference):
+    """SIGTERM to the parent drains both workers: every call is answered or refused retryably, none is cut."""
+    import asyncio
+    from collections import Counter
+
+    import grpc
+
+    from serving.client import channel_options, infer_request, probabilities
+    from serving.protos import grpc_service_pb2_grpc as pb_grpc
+
+    server = start_server(trained_repository, tmp_path, "--workers", "2", "--drain-delay-s", "1")
+    codes: Counter[str] = Counter()
+    wrong = 0
+    stop = asyncio.Event()
+
+    async def caller(stub, seed: int) -> None:
+        nonlocal wrong
+        lo = seed
+        while not stop.is_set():
+            lo = (lo + 13) % 2000
+            try:
+                reply = await stub.ModelInfer(infer_request(reference.images[lo : lo + 2], "mnist"), timeout=30)
+            except grpc.aio.AioRpcError as err:
+                codes[err.code().name] += 1
+                await asyncio.sleep(0.05)
+                continue
+            codes["OK"] += 1
+            wrong += not reference.check(lo, 2, probabilities(reply))
+
+    try:
+        _wait_ready(server, 2)
+        # Separate connections (SO_REUSEPORT spreads connections, not calls, over the workers).
+        own = [("grpc.use_local_subchannel_pool", 1)]
+        channels = [
+            grpc.aio.insecure_channel(server.url, options=channel_options("pick_first") + own) for _ in range(12)
+        ]
+        tasks = [
+            asyncio.create_task(caller(pb_grpc.GRPCInferenceServiceStub(ch), i)) for i, ch in enumerate(channels * 2)
+        ]
+        while codes["OK"] < 300:
+            await asyncio.sleep(0.05)
+        server.proc.send_signal(signal.SIGTERM)
+        code = await asyncio.to_thread(server.proc.wait, GUARD_S)
+        stop.set()
+        await asyncio.gather(*tasks)
+        for ch in channels:
+            await ch.close()
+    finally:
+        stop.set()
+        server.stop(signal.SIGKILL)
+    log = server.log()
+    assert code == 0, log[-3000:]
+    # Alone (no other replica to retry on), a call after the port closed fails UNAVAILABLE; nothing else fails.
+    assert set(codes) <= {"OK", "UNAVAILABLE"}, codes
+    assert wrong == 0
+    drained = [
+        int(line.split("answered_during_drain=")[1].split()[0]) for line in log.splitlines() if "drained:" in line
+    ]
+    assert len(drained) == 2 and all(n > 0 for n in drained), log[-3000:]  # both workers answered through the delay

@@ -163,7 +163,7 @@ async def test_an_exception_on_the_inline_path_reaches_the_caller_and_the_batche
     with pytest.raises(ValueError, match="poison"):
         await batcher.infer(np.full((2, 2), np.nan))  # idle and small: computed in the caller
     assert rec.batches == [] and batcher.queued_images == 0 and not batcher.busy
-    np.testing.assert_array_equal(await batcher.infer(np.full((3, 2), 2.0)), np.full((3, 10), 4.0))
+    np.testing.assert_array_equal(await probs_of(batcher.infer(np.full((3, 2), 2.0))), np.full((3, 10), 4.0))
     assert rec.batches == [(3, 1)]
     batcher.close()
 
@@ -183,7 +183,7 @@ async def test_queue_delay_holds_a_partial_batch_and_releases_it_when_it_fills()
     # Full: released at once. The guard is far below the 60 s delay, so a broken early release fails here.
     results = await asyncio.wait_for(asyncio.gather(first, *more, last), 20)
     assert rec.batches == [(8, 4)]
-    for i, probs in enumerate(results, start=1):
+    for i, (probs, _, _) in enumerate(results, start=1):
         np.testing.assert_array_equal(probs, np.full((2, 10), 2.0 * i))  # row sums: each answer is its own
     batcher.close()
 
@@ -211,7 +211,7 @@ async def test_a_cancelled_caller_without_deadline_is_skipped():
     gone.cancel()  # the client went away (gRPC cancels the handler): no deadline involved
     gate.release.set()
     await running
-    assert (await kept).shape == (2, 10)
+    assert (await probs_of(kept)).shape == (2, 10)
     assert gone.cancelled()
     assert rec.batches == [(1, 1), (2, 1)]  # the cancelled request's 5 images never reached the model
     assert rec.shed == [] and batcher.queued_images == 0
@@ -229,7 +229,7 @@ async def test_close_with_queued_work_fails_the_waiting_callers_instead_of_leavi
     batcher.close()
     gate.release.set()
     results = await asyncio.wait_for(asyncio.gather(running, *queued, return_exceptions=True), 20)
-    assert results[0].shape == (4, 10)  # the run already on the thread finishes
+    assert results[0][0].shape == (4, 10)  # the run already on the thread finishes
     assert all(isinstance(r, RuntimeError) for r in results[1:]), results[1:]  # no thread to run on any more
     assert batcher.queued_images == 0 and not batcher.busy
 

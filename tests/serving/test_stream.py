@@ -188,7 +188,7 @@ async def test_drain_answers_accepted_requests_and_ends_the_stream():
     collected = asyncio.create_task(_collect(stream))
     await asyncio.sleep(0.05)
     assert servicer.active == 3
-    servicer.state.draining = True  # what the server's stop() does
+    servicer.state.refusing = True  # what the server's stop() does after the drain delay
     await asyncio.sleep(0.05)
     assert not collected.done()  # accepted requests are still being answered
     servicer.gate.set()
@@ -207,7 +207,7 @@ async def test_drain_after_the_client_closed_its_side_ends_the_stream_ok():
     collected = asyncio.create_task(_collect(stream))
     await asyncio.sleep(0.05)
     assert servicer.active == 3 and not stream.reading
-    servicer.state.draining = True
+    servicer.state.refusing = True
     servicer.gate.set()
     assert sorted(await asyncio.wait_for(collected, 10)) == ["0", "1", "2"]
     assert not stream.cut_by_drain  # nothing was refused: no UNAVAILABLE for this client
