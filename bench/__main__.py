@@ -409,7 +409,7 @@ def compare(servers: dict, floor: list[dict], args: argparse.Namespace) -> dict:
             return None  # no statistics, or per-process statistics of one of several workers
         if "server_requests" not in r:
             return False
-        return abs(r["server_requests"] - r["client_requests"]) <= 2 * r["step"]["concurrency"]
+        return abs(r["server_requests"] - r["client_requests"]) <= pa.PaStep(**r["step"]).count_tolerance()
 
     pa_ok = [r["rc"] == 0 and counts_match(r) is not False for r in all_pa]
     compared = sum(counts_match(r) is not None for r in all_pa)
