@@ -22,7 +22,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from k8s_check import DOCKER, env_vars, find_object, last, stages
 
-from bench.common import free_port
+from bench.common import ChildServer, free_port
 from serving.client import infer_request, probabilities
 from serving.protos import grpc_service_pb2_grpc as pb_grpc
 
@@ -74,25 +74,6 @@ def start(argv: list[str], env: dict, cwd: Path, log: Path) -> subprocess.Popen:
         return subprocess.Popen(argv, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT)
 
 
-def wait_serving(proc: subprocess.Popen, url: str, log: Path, timeout: float) -> None:
-    """What the startup probe waits for: health service "" SERVING."""
-    deadline = time.monotonic() + timeout
-    with grpc.insecure_channel(url) as channel:
-        stub = health_pb2_grpc.HealthStub(channel)
-        while time.monotonic() < deadline:
-            assert proc.poll() is None, f"exited with {proc.returncode}:\n{log.read_text()[-3000:]}"
-            try:
-                if (
-                    stub.Check(health_pb2.HealthCheckRequest(), timeout=1).status
-                    == health_pb2.HealthCheckResponse.SERVING
-                ):
-                    return
-            except grpc.RpcError:
-                pass
-            time.sleep(0.1)
-    raise AssertionError(f"not SERVING within {timeout}s:\n{log.read_text()[-3000:]}")
-
-
 @pytest.fixture
 def pod(tmp_path, trained_repository, rendered) -> dict[str, Path]:
     """The pod's filesystem: a fresh emptyDir at /tmp, the model volume at /models, the image's MNIST cache, and
@@ -124,7 +105,10 @@ def test_cpu_overlay_serves_from_the_image_dependency_set(rendered, image_python
     url = f"127.0.0.1:{grpc_port}"
     try:
         probe = server_spec["startupProbe"]
-        wait_serving(proc, url, log, timeout=probe["periodSeconds"] * probe["failureThreshold"])
+        # (the launcher's readiness wait, around this process started the container's way)
+        ChildServer("image", argv, grpc_port, log, proc=proc).wait_serving(
+            probe["periodSeconds"] * probe["failureThreshold"]
+        )
         with grpc.insecure_channel(url) as channel:
             live = health_pb2_grpc.HealthStub(channel).Check(
                 health_pb2.HealthCheckRequest(service=server_spec["livenessProbe"]["grpc"].get("service", "")),
