@@ -51,6 +51,19 @@ class ServerProcess:
     def log(self) -> str:
         return self.log_path.read_text()
 
+    def answered(self) -> int:
+        """Successful inferences this server counted (Triton's ModelStatistics, every version), on a new connection."""
+        import grpc
+
+        from serving.protos import grpc_service_pb2 as pb
+        from serving.protos import grpc_service_pb2_grpc as pb_grpc
+
+        with grpc.insecure_channel(self.url) as channel:
+            stats = pb_grpc.GRPCInferenceServiceStub(channel).ModelStatistics(
+                pb.ModelStatisticsRequest(name="mnist"), timeout=10
+            )
+        return sum(s.inference_stats.success.count for s in stats.model_stats)
+
     def metrics(self) -> str:
         with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=10) as r:
             return r.read().decode()

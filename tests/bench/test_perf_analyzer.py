@@ -5,13 +5,10 @@ from __future__ import annotations
 
 import json
 
-import grpc
 import pytest
 from server_process import start_server
 
 from bench import perf_analyzer as pa
-from serving.protos import grpc_service_pb2 as pb
-from serving.protos import grpc_service_pb2_grpc as pb_grpc
 
 WHY_NOT = pa.missing()
 pytestmark = pytest.mark.skipif(
@@ -31,14 +28,6 @@ def data(tmp_path_factory, mnist_data):
     return pa.write_input_data(tmp_path_factory.mktemp("pa-data") / "mnist.json", mnist_data.x_test, count=64)
 
 
-def success_count(url: str) -> int:
-    with grpc.insecure_channel(url) as channel:
-        stats = pb_grpc.GRPCInferenceServiceStub(channel).ModelStatistics(
-            pb.ModelStatisticsRequest(name="mnist"), timeout=10
-        )
-    return stats.model_stats[0].inference_stats.success.count
-
-
 def test_input_data_is_real_mnist_in_perf_analyzers_format(data, mnist_data):
     entries = json.loads(data.read_text())["data"]
     assert len(entries) == 64
@@ -52,10 +41,10 @@ def test_input_data_is_real_mnist_in_perf_analyzers_format(data, mnist_data):
     "step", [pa.PaStep(4), pa.PaStep(4, streaming=True), pa.PaStep(2, batch=16)], ids=lambda s: s.label()
 )
 def test_perf_analyzer_runs_and_server_counts_match(server, data, step):
-    before = success_count(server.url)
+    before = server.answered()
     # A huge stability allowance: this checks behaviour, not speed (a busy machine must not fail it).
     r = pa.run(server.url, step, data, window_ms=400, stability_pct=1000, max_trials=3, timeout=120)
-    after = success_count(server.url)
+    after = server.answered()
     assert r["rc"] == 0, r.get("error")  # perf_analyzer itself refuses inconsistent server statistics
     assert r["client_requests"] > 0
     # Client and server count the same windows, give or take the requests in flight at the two edges.

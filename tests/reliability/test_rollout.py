@@ -12,10 +12,9 @@ from collections import Counter
 import grpc
 from balancer import Balancer
 from rel_harness import report
-from server_process import ServerProcess, start_server
+from server_process import start_server
 
 from serving.client import channel_options, infer_request, probabilities
-from serving.protos import grpc_service_pb2 as pb
 from serving.protos import grpc_service_pb2_grpc as pb_grpc
 
 DRAIN_DELAY_S = 1.5
@@ -60,13 +59,6 @@ class Load:
         await asyncio.gather(*self.tasks)
 
 
-def answered(server: ServerProcess) -> int:
-    """Successful inferences the server counted (Triton's ModelStatistics), asked on a fresh connection."""
-    with grpc.insecure_channel(server.url) as ch:
-        stats = pb_grpc.GRPCInferenceServiceStub(ch).ModelStatistics(pb.ModelStatisticsRequest(name="mnist"), timeout=5)
-    return sum(s.inference_stats.success.count for s in stats.model_stats)
-
-
 async def _until(predicate, what: str, timeout: float = 30) -> None:
     deadline = time.monotonic() + timeout
     while not predicate():
@@ -91,7 +83,7 @@ async def test_sigterm_on_one_of_two_replicas_fails_no_call(trained_repository, 
                 load.add(ch, 4, lb)
             await _until(lambda: load.ok("round_robin") > 200 and load.ok("pick_first") > 200, "traffic")
             assert balancer.connections[a.grpc_port] >= 2, balancer.connections
-            before = answered(a)
+            before = a.answered()
             signalled = time.monotonic()
             a.proc.send_signal(signal.SIGTERM)
             # The endpoints controller drops the terminating pod: new connections go to b only.
@@ -144,12 +136,12 @@ async def test_a_new_replica_gets_a_fair_share_of_a_long_lived_client(trained_re
                 b = start_server(trained_repository, tmp_path, *flags)
                 balancer.set_backends([a.grpc_port, b.grpc_port])
                 added = time.monotonic()
-                await _until(lambda: answered(b) > 0, "replica b to get its first call", timeout=20)
+                await _until(lambda: b.answered() > 0, "replica b to get its first call", timeout=20)
                 first_call_s = time.monotonic() - added
                 # Over the next 8 s (four connection ages) b must serve about half.
-                a0, b0 = answered(a), answered(b)
+                a0, b0 = a.answered(), b.answered()
                 await asyncio.sleep(8)
-                a1, b1 = answered(a), answered(b)
+                a1, b1 = a.answered(), b.answered()
                 await load.finish()
                 connections = dict(balancer.connections)
     finally:
