@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -30,8 +31,13 @@ class DecodedRequest:
     labels: np.ndarray | None  # ground truth attached by the client, int64 (N,)
 
 
-def decode_infer_request(request: pb.ModelInferRequest, max_batch_size: int) -> DecodedRequest:
-    """Validate a ModelInferRequest and turn its one input into a float32 or uint8 (N, 784) array."""
+def decode_infer_request(
+    request: pb.ModelInferRequest, max_batch_size: int, raw: Sequence[bytes | memoryview] | None = None
+) -> DecodedRequest:
+    """Validate a ModelInferRequest and turn its one input into a float32 or uint8 (N, 784) array.
+
+    `raw`: its raw_input_contents when they were taken off the wire apart from the message (serving.wire);
+    the images are then a view of the received bytes, not a copy."""
     if len(request.inputs) != 1:
         raise InvalidInput(f"expected exactly 1 input tensor named '{INPUT_NAME}', got {len(request.inputs)}")
     tensor = request.inputs[0]
@@ -43,19 +49,21 @@ def decode_infer_request(request: pb.ModelInferRequest, max_batch_size: int) -> 
     n = _batch_size(list(tensor.shape), max_batch_size)
     count = n * IMAGE_PIXELS
 
-    raw = request.raw_input_contents
+    if raw is None:
+        raw = request.raw_input_contents
     if raw:
         if len(raw) != 1:
             raise InvalidInput(f"raw_input_contents has {len(raw)} entries for 1 input")
         if tensor.HasField("contents"):
             raise InvalidInput("input has both raw_input_contents and typed contents; send one")
+        data = raw[0]  # once: each read of a protobuf bytes field is a copy
         expected = count * dtype.itemsize
-        if len(raw[0]) != expected:
+        if len(data) != expected:
             raise InvalidInput(
                 f"input '{INPUT_NAME}' {tensor.datatype} shape {list(tensor.shape)} needs {expected} bytes, "
-                f"got {len(raw[0])}"
+                f"got {len(data)}"
             )
-        values = np.frombuffer(raw[0], dtype=dtype)
+        values = np.frombuffer(data, dtype=dtype)
     else:
         values = _typed_contents(tensor, dtype, count)
 

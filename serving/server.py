@@ -21,12 +21,11 @@ from serving.errors import StartupError
 from serving.feedback import Feedback, ReceiptLedger
 from serving.protos import feedback_pb2, feedback_pb2_grpc
 from serving.protos import grpc_service_pb2 as pb
-from serving.protos import grpc_service_pb2_grpc as pb_grpc
 from serving.protos.pool import POOL
 from serving.receipts import ReceiptKey
 from serving.repository import ModelRepository
 from serving.runtime import CUDA
-from serving.servicer import FeedbackServicer, InferenceServicer, ServerState
+from serving.servicer import FeedbackServicer, InferenceServicer, ServerState, add_inference_service
 
 log = logging.getLogger(__name__)
 
@@ -76,9 +75,7 @@ class InferenceServer:
         server = grpc.aio.server(options=options)
         receipts = ReceiptKey.from_file(s.receipt_key_file, s.receipt_max_age_s)
         feedback = Feedback(receipts, ReceiptLedger(s.feedback_capacity, s.receipt_max_age_s), self.repository.loaded)
-        pb_grpc.add_GRPCInferenceServiceServicer_to_server(
-            InferenceServicer(self.repository, s, self.state, receipts), server
-        )
+        add_inference_service(InferenceServicer(self.repository, s, self.state, receipts), server)
         feedback_pb2_grpc.add_FeedbackServiceServicer_to_server(FeedbackServicer(feedback), server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         services = (INFERENCE_SERVICE, FEEDBACK_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME)

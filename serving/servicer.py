@@ -8,9 +8,9 @@ import time
 
 import grpc
 
-from serving import __version__, codec
+from serving import __version__, codec, wire
 from serving.config import IMAGE_PIXELS, NUM_CLASSES, Settings
-from serving.errors import Overloaded, ServerDraining, grpc_errors, status_of
+from serving.errors import InvalidInput, Overloaded, ServerDraining, grpc_errors, status_of
 from serving.feedback import Feedback
 from serving.metrics import IN_FLIGHT
 from serving.protos import feedback_pb2, feedback_pb2_grpc
@@ -137,9 +137,10 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 grpc.StatusCode.UNAVAILABLE, "server is shutting down; reopen the stream on another replica"
             )
 
-    async def infer(self, request: pb.ModelInferRequest, deadline: float | None) -> pb.ModelInferResponse:
+    async def infer(self, received: wire.InferRequest, deadline: float | None) -> pb.ModelInferResponse:
         """One inference, unary or streamed: decode, batch, encode; metrics and statistics for both."""
         start = time.perf_counter()
+        request = received.message
         state = self.state
         IN_FLIGHT.inc()
         state.last_call = time.monotonic()
@@ -148,9 +149,11 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         try:
             if state.refusing:
                 raise ServerDraining("server is shutting down; retry on another replica")
+            if received.error:
+                raise InvalidInput(received.error)
             mv = self.repository.get(request.model_name, request.model_version)
-            size = self._admit(request, mv)
-            decoded = codec.decode_infer_request(request, self.settings.max_batch_size)
+            size = self._admit(received.nbytes, mv)
+            decoded = codec.decode_infer_request(request, self.settings.max_batch_size, received.raw)
             decoded_at = time.perf_counter()
             probs, queue_s, infer_s = await mv.batcher.infer(decoded.images, deadline)
             answered_at = time.perf_counter()
@@ -174,9 +177,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             IN_FLIGHT.dec()
             state.in_flight_bytes -= size
 
-    def _admit(self, request, mv: ModelVersion) -> int:
-        """Count the request's bytes in flight, or refuse it (before decoding copies it) when over the limit."""
-        size = request.ByteSize()
+    def _admit(self, size: int, mv: ModelVersion) -> int:
+        """Count the request's bytes in flight, or refuse it (before decoding) when over the limit."""
         held = self.state.in_flight_bytes
         if held and held + size > self.settings.max_inflight_bytes:  # one request alone is always admitted
             mv.on_shed("inflight_bytes")
@@ -233,9 +235,10 @@ class InferStream:
             await asyncio.wait(list(self.tasks))
         self.answers.put_nowait(None)
 
-    async def _answer(self, request: pb.ModelInferRequest) -> None:
+    async def _answer(self, received: wire.InferRequest) -> None:
+        request = received.message
         try:
-            response = pb.ModelStreamInferResponse(infer_response=await self.servicer.infer(request, self.deadline))
+            response = pb.ModelStreamInferResponse(infer_response=await self.servicer.infer(received, self.deadline))
         except asyncio.CancelledError:
             raise
         except Exception as exc:
@@ -251,6 +254,28 @@ class InferStream:
         finally:
             self.window.release()
         self.answers.put_nowait(response)
+
+
+def add_inference_service(servicer: InferenceServicer, server: grpc.aio.Server) -> None:
+    """Register the generated GRPCInferenceService handlers, except that ModelInfer and ModelStreamInfer read
+    their requests with serving.wire (raw tensor bytes by reference, no copies): the handlers get InferRequests."""
+    captured = _Registration()
+    pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, captured)
+    handlers = dict(captured.handlers)
+    for method in ("ModelInfer", "ModelStreamInfer"):
+        handlers[method] = handlers[method]._replace(request_deserializer=wire.parse_infer_request)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(captured.service, handlers),))
+    server.add_registered_method_handlers(captured.service, handlers)
+
+
+class _Registration:
+    """Stands in for the server to catch the generated code's method handlers."""
+
+    def add_generic_rpc_handlers(self, handlers) -> None:
+        pass
+
+    def add_registered_method_handlers(self, service: str, handlers: dict) -> None:
+        self.service, self.handlers = service, handlers
 
 
 class FeedbackServicer(feedback_pb2_grpc.FeedbackServiceServicer):

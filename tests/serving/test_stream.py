@@ -19,6 +19,7 @@ from serving.config import Settings
 from serving.protos import grpc_service_pb2 as pb
 from serving.protos import grpc_service_pb2_grpc as pb_grpc
 from serving.servicer import InferStream, ServerState
+from serving.wire import InferRequest
 
 M = {"model": "mnist", "version": "1"}
 
@@ -157,14 +158,14 @@ class GatedServicer:
         self.peak = max(self.peak, self.active)
         try:
             await self.gate.wait()
-            return pb.ModelInferResponse(id=request.id)
+            return pb.ModelInferResponse(id=request.message.id)
         finally:
             self.active -= 1
 
 
 async def _requests(n: int, then_wait: asyncio.Event | None = None):
     for i in range(n):
-        yield pb.ModelInferRequest(id=str(i))
+        yield InferRequest.of(pb.ModelInferRequest(id=str(i)))
     if then_wait is not None:
         await then_wait.wait()
 
