@@ -126,6 +126,7 @@ def server_cmd(repo: Path, port: int, mport: int, device: str, require: bool, wo
         "--io-binding", "on" if device == "cpu" else "auto",
         "--device", device, "--max-batch-size", str(MAX_BATCH), "--workers", str(workers), "--log-level", "WARNING",
         "--max-queue-images", str(16 * MAX_BATCH),  # c=8 of 4096 must queue, not be shed
+        "--max-inflight-bytes", str(64 << 20),  # ... nor refused for memory (8 x 4096 UINT8 = 26 MB; the GPU overlay's)
         "--require-gpu" if require else "--no-require-gpu", "--cuda-graphs" if graphs else "--no-cuda-graphs",
     )  # fmt: skip
 

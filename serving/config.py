@@ -32,12 +32,13 @@ class Settings(BaseSettings):
         8192, ge=1, description="Images allowed to wait per model version before RESOURCE_EXHAUSTED."
     )
     max_inflight_bytes: int = Field(
-        32 << 20,
+        16 << 20,
         ge=1,
-        description="Request bytes handled at once per process; beyond it RESOURCE_EXHAUSTED (bounds memory).",
+        description="Request bytes read and handled at once per process; beyond it RESOURCE_EXHAUSTED, mostly "
+        "before the request is read (bounds memory; serving.admission).",
     )
     malloc_arena_max: int = Field(
-        2, ge=0, description="glibc malloc arenas per process (0: glibc's default of 8 per core); fewer hold less."
+        1, ge=0, description="glibc malloc arenas per process (0: glibc's default of 8 per core); fewer hold less."
     )
     merge_idle_us: int = Field(
         0,

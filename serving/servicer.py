@@ -8,7 +8,8 @@ import time
 
 import grpc
 
-from serving import __version__, codec, wire
+from serving import __version__, codec, metrics, wire
+from serving.admission import Admission
 from serving.config import IMAGE_PIXELS, NUM_CLASSES, Settings
 from serving.errors import InvalidInput, Overloaded, ServerDraining, grpc_errors, status_of
 from serving.feedback import Feedback
@@ -40,7 +41,6 @@ class ServerState:
         # The drain's last moments: new calls get UNAVAILABLE with a retry pushback, streams stop reading.
         self.refusing_started = asyncio.Event()
         self.last_call = 0.0  # time.monotonic() of the latest ModelInfer, refused ones included
-        self.in_flight_bytes = 0  # serialized size of the ModelInfer requests inside a handler
 
     @property
     def refusing(self) -> bool:
@@ -61,6 +61,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         self.settings = settings
         self.state = state
         self.receipts = receipts
+        self.admission = Admission(settings.max_inflight_bytes)
 
     async def ServerLive(self, request, context):
         return pb.ServerLiveResponse(live=True)
@@ -121,9 +122,37 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         return pb.RepositoryIndexResponse(models=models)
 
     @grpc_errors
-    async def ModelInfer(self, request, context):
+    async def ModelInfer(self, requests, context):
+        """Registered stream-unary (the same bytes on the wire as unary, see add_inference_service), so that
+        the request is read only once admitted: one refused for memory is never copied into the process."""
         remaining = context.time_remaining()
-        return await self.infer(request, None if remaining is None else time.monotonic() + remaining)
+        deadline = None if remaining is None else time.monotonic() + remaining
+        self._refuse_if_draining()  # before reading: a refused call costs nothing
+        return await self.infer(await self._read_admitted(context), deadline)
+
+    def _refuse_if_draining(self) -> None:
+        self.state.last_call = time.monotonic()  # refused calls too: the drain waits for quiet
+        if self.state.refusing:
+            raise ServerDraining("server is shutting down; retry on another replica")
+
+    async def _read_admitted(self, context) -> wire.InferRequest:
+        try:
+            self.admission.before_read()
+        except Overloaded:
+            # Not read, so its model is unknown: counted without model and version.
+            metrics.SHED.labels("", "", "inflight_bytes").inc()
+            metrics.REQUESTS.labels("", "", grpc.StatusCode.RESOURCE_EXHAUSTED.name).inc()
+            raise
+        try:
+            received = await context.read()
+        except BaseException:
+            self.admission.read_failed()
+            raise
+        if received is grpc.aio.EOF:
+            self.admission.read_failed()
+            raise InvalidInput("ModelInfer call without a request message")
+        self.admission.after_read(received.nbytes)
+        return received
 
     async def ModelStreamInfer(self, request_iterator, context):
         """Triton's bidirectional stream: each request answered (in completion order) with its id echoed."""
@@ -141,18 +170,20 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         """One inference, unary or streamed: decode, batch, encode; metrics and statistics for both."""
         start = time.perf_counter()
         request = received.message
-        state = self.state
         IN_FLIGHT.inc()
-        state.last_call = time.monotonic()
         mv: ModelVersion | None = None
         size = 0
         try:
-            if state.refusing:
-                raise ServerDraining("server is shutting down; retry on another replica")
+            self._refuse_if_draining()
             if received.error:
                 raise InvalidInput(received.error)
             mv = self.repository.get(request.model_name, request.model_version)
-            size = self._admit(received.nbytes, mv)
+            try:
+                self.admission.hold(received.nbytes)
+            except Overloaded:
+                mv.on_shed("inflight_bytes")
+                raise
+            size = received.nbytes
             decoded = codec.decode_infer_request(request, self.settings.max_batch_size, received.raw)
             decoded_at = time.perf_counter()
             probs, queue_s, infer_s = await mv.batcher.infer(decoded.images, deadline)
@@ -175,19 +206,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             raise
         finally:
             IN_FLIGHT.dec()
-            state.in_flight_bytes -= size
-
-    def _admit(self, size: int, mv: ModelVersion) -> int:
-        """Count the request's bytes in flight, or refuse it (before decoding) when over the limit."""
-        held = self.state.in_flight_bytes
-        if held and held + size > self.settings.max_inflight_bytes:  # one request alone is always admitted
-            mv.on_shed("inflight_bytes")
-            raise Overloaded(
-                f"server memory bound: {held >> 20} MiB of requests in flight, limit "
-                f"{self.settings.max_inflight_bytes >> 20} MiB; retry later"
-            )
-        self.state.in_flight_bytes = held + size
-        return size
+            self.admission.release(size)
 
 
 class InferStream:
@@ -262,8 +281,14 @@ def add_inference_service(servicer: InferenceServicer, server: grpc.aio.Server) 
     captured = _Registration()
     pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, captured)
     handlers = dict(captured.handlers)
-    for method in ("ModelInfer", "ModelStreamInfer"):
-        handlers[method] = handlers[method]._replace(request_deserializer=wire.parse_infer_request)
+    handlers["ModelStreamInfer"] = handlers["ModelStreamInfer"]._replace(request_deserializer=wire.parse_infer_request)
+    # Clients call ModelInfer as unary; served as stream-unary (identical on the wire) the handler decides
+    # whether to read the request at all (ModelInfer above).
+    handlers["ModelInfer"] = grpc.stream_unary_rpc_method_handler(
+        servicer.ModelInfer,
+        request_deserializer=wire.parse_infer_request,
+        response_serializer=handlers["ModelInfer"].response_serializer,
+    )
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(captured.service, handlers),))
     server.add_registered_method_handlers(captured.service, handlers)
 

@@ -61,6 +61,17 @@ def metric_value(text: str, name: str, **labels: str) -> float:
     return 0.0
 
 
+def metric_sum(text: str, name: str, **labels: str) -> float:
+    """The sum of every sample of `name` whose labels include `labels` (e.g. over models and versions)."""
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith(name + "{") or line.startswith(name + " "):
+            head, _, value = line.rpartition(" ")
+            if all(f'{k}="{v}"' in head for k, v in labels.items()):
+                total += float(value)
+    return total
+
+
 def report(name: str, result: dict) -> None:
     """Record measured numbers: appended as JSON lines to $RELIABILITY_REPORT (for docs/reliability.md)."""
     path = os.environ.get("RELIABILITY_REPORT")
