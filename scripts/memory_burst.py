@@ -1,6 +1,6 @@
 """Memory under a burst: many clients sending 1024-image FP32 requests to one server process it starts.
 
-    python scripts/memory_burst.py --model-repository build/mr [--server-arg=--max-inflight-bytes=8388608]
+    python scripts/memory_burst.py [--server-arg=--max-inflight-bytes=8388608]
 
 Reports the server's peak RSS (sampled every 20 ms), the status codes (only OK and RESOURCE_EXHAUSTED are
 allowed; every request sent must come back), and images/s of the accepted requests, first with a few clients
