@@ -206,6 +206,11 @@ def _read_metadata(directory: Path) -> dict:
     return metadata
 
 
+def _is_version(name: str) -> bool:
+    """A version is named by ASCII digits: isdigit() alone admits '²', which int() refuses."""
+    return name.isascii() and name.isdigit()
+
+
 def scan(root: Path) -> dict[str, dict[int, Path]]:
     """Version directories on disk: integer-named folders holding a model.onnx (others are ignored)."""
     found: dict[str, dict[int, Path]] = {}
@@ -215,7 +220,7 @@ def scan(root: Path) -> dict[str, dict[int, Path]]:
         except PermissionError:  # e.g. a volume root's lost+found: not a model
             log.warning("skipping unreadable directory %s", model_dir)
             continue
-        versions = {int(v.name): v for v in entries if v.name.isdigit() and (v / "model.onnx").is_file()}
+        versions = {int(v.name): v for v in entries if _is_version(v.name) and (v / "model.onnx").is_file()}
         if versions:
             found[model_dir.name] = versions
     return found
@@ -238,7 +243,7 @@ class ModelRepository:
     def loaded(self, name: str, version: str) -> ModelVersion | None:
         """The loaded version `version` of `name`, or None (no error: for late feedback)."""
         versions = self.models.get(name, {})
-        return versions.get(int(version)) if version.isascii() and version.isdigit() else None
+        return versions.get(int(version)) if _is_version(version) else None
 
     def versions(self) -> list[ModelVersion]:
         return [mv for versions in self.models.values() for mv in versions.values()]
@@ -252,8 +257,7 @@ class ModelRepository:
             raise ModelNotFound(f"unknown model '{name}' (models: {known})")
         if not version:
             return versions[max(versions)]
-        # isdigit() alone admits '²', which int() refuses: only ASCII digits name a version.
-        if not (version.isascii() and version.isdigit()) or int(version) not in versions:
+        if not _is_version(version) or int(version) not in versions:
             have = ", ".join(str(v) for v in sorted(versions))
             raise ModelNotFound(f"model '{name}' has no version '{version}' (versions: {have})")
         return versions[int(version)]

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import shutil
+import time
 from pathlib import Path
 
 import grpc
@@ -35,6 +37,34 @@ class Reference:
         """True if `probs` are the model's answer for images[lo:lo+n] (batching changes only float rounding)."""
         want = self.probs[lo : lo + n]
         return probs.shape == want.shape and bool(np.allclose(probs, want, atol=1e-5))
+
+
+def wait_until(condition, what: str, server: ServerProcess | None = None, timeout: float = 60) -> None:
+    """Poll `condition()` until it is true; fail naming `what` (with the server's log tail) after `timeout`
+    seconds, or at once if `server` has exited."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        _check_waiting(what, server, deadline)
+        time.sleep(0.05)
+
+
+async def until(condition, what: str, server: ServerProcess | None = None, timeout: float = 60) -> None:
+    """wait_until for async tests: the event loop (a running load) goes on between polls; `condition()` may
+    return an awaitable."""
+    deadline = time.monotonic() + timeout
+    while not await _resolved(condition()):
+        _check_waiting(what, server, deadline)
+        await asyncio.sleep(0.05)
+
+
+async def _resolved(value):
+    return await value if asyncio.iscoroutine(value) or isinstance(value, asyncio.Future) else value
+
+
+def _check_waiting(what: str, server: ServerProcess | None, deadline: float) -> None:
+    log = f":\n{server.log()[-3000:]}" if server is not None else ""
+    assert time.monotonic() < deadline, f"timed out waiting for {what}{log}"
+    assert server is None or server.proc.poll() is None, f"server exited while waiting for {what}{log}"
 
 
 def channel(server: ServerProcess) -> grpc.Channel:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import shutil
 import time
 from dataclasses import dataclass
@@ -10,12 +11,24 @@ from dataclasses import dataclass
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from rel_harness import CLIENT_OPTIONS, add_version, channel, infer_ok, metric_value, report, shifted_model
-from server_process import start_server
+from rel_harness import (
+    CLIENT_OPTIONS,
+    add_version,
+    channel,
+    infer_ok,
+    metric_value,
+    report,
+    shifted_model,
+    until,
+    wait_until,
+)
+from server_process import ROOT, start_server
 
 from serving.client import infer_request, probabilities
+from serving.config import Settings
 from serving.protos import grpc_service_pb2 as pb
 from serving.protos import grpc_service_pb2_grpc as pb_grpc
+from serving.server import InferenceServer
 
 STREAMS = 6
 PINNED = 2  # streams asking for version 2 explicitly while it is removed
@@ -48,15 +61,6 @@ async def _stream(stub, reference, seed: int, version: str, outcomes: list[Outco
         outcomes.append(Outcome(sent, time.monotonic(), "OK", reply.model_version, ok))
 
 
-async def _until(condition, what: str, server) -> None:
-    """Wait (while the load runs) until condition() - a bool or an awaitable of one - holds."""
-    deadline = time.monotonic() + GUARD_S
-    while not await _value(condition()):
-        assert time.monotonic() < deadline, f"timed out waiting for {what}:\n{server.log()[-3000:]}"
-        assert server.proc.poll() is None, server.log()
-        await asyncio.sleep(0.05)
-
-
 def _after(outcomes: list[Outcome], moment: float) -> list[Outcome]:
     return [o for o in outcomes if o.sent > moment]
 
@@ -77,31 +81,31 @@ async def test_versions_come_and_go_under_load(repository, tmp_path, reference):
                 return sum(o.version == version for o in _after(plain, since)) >= count
 
             start = time.monotonic()
-            await _until(lambda: served("1", start), "version 1 under load", server)
+            await until(lambda: served("1", start), "version 1 under load", server)
 
             # 1. A new version, written atomically, takes over.
             add_version(model_dir, 2, model_dir / "1")
-            await _until(lambda: served("2", 0, 1), "version 2 to serve", server)
+            await until(lambda: served("2", 0, 1), "version 2 to serve", server)
             v2_seen = max(o.done for o in plain if o.version == "2")
-            await _until(lambda: served("2", v2_seen), "more of version 2", server)
+            await until(lambda: served("2", v2_seen), "more of version 2", server)
             tasks += [asyncio.create_task(_stream(stub, reference, i, "2", pinned, stop)) for i in range(PINNED)]
 
             # 2. A corrupt version and 3. one that fails the accuracy check are refused; 2 keeps serving.
             add_version(model_dir, 3, model_dir / "1", onnx=b"this is not an onnx model")
-            await _until(lambda: asyncio.to_thread(lambda: failures() >= 1), "version 3 refused", server)
+            await until(lambda: asyncio.to_thread(lambda: failures() >= 1), "version 3 refused", server)
             add_version(model_dir, 4, model_dir / "1", onnx=shifted_model(model_dir / "1" / "model.onnx"))
-            await _until(lambda: asyncio.to_thread(lambda: failures() >= 2), "version 4 refused", server)
+            await until(lambda: asyncio.to_thread(lambda: failures() >= 2), "version 4 refused", server)
             refused_at = time.monotonic()
-            await _until(lambda: served("2", refused_at), "version 2 after the refusals", server)
+            await until(lambda: served("2", refused_at), "version 2 after the refusals", server)
             index = await stub.RepositoryIndex(pb.RepositoryIndexRequest(), timeout=10)
 
             # 4. Removing version 2 unloads it once its queued work is done; unversioned requests fall back to 1.
             (model_dir / "2").rename(model_dir / ".trash-2")
             shutil.rmtree(model_dir / ".trash-2")
             removed_at = time.monotonic()
-            await _until(lambda: any(o.code == "NOT_FOUND" for o in pinned), "version 2 to be unloaded", server)
+            await until(lambda: any(o.code == "NOT_FOUND" for o in pinned), "version 2 to be unloaded", server)
             unloaded_seen = min(o.done for o in pinned if o.code == "NOT_FOUND")
-            await _until(lambda: served("1", unloaded_seen), "version 1 again", server)
+            await until(lambda: served("1", unloaded_seen), "version 1 again", server)
             stop.set()
             await asyncio.wait_for(asyncio.gather(*tasks), GUARD_S)
         load_failures = await asyncio.to_thread(failures)
@@ -144,10 +148,6 @@ async def test_versions_come_and_go_under_load(repository, tmp_path, reference):
     assert load_failures == 2
 
 
-async def _value(value):
-    return await value if asyncio.iscoroutine(value) or isinstance(value, asyncio.Future) else value
-
-
 # ---------------------------------------------------------------- models and versions come and go (one process)
 
 SERIES = (  # the per-version series a loaded version reports and an unloaded one must stop reporting
@@ -166,14 +166,6 @@ def _health(server, name: str) -> str:
         except grpc.RpcError as err:
             return err.code().name
     return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
-
-
-def _wait(condition, what: str, server) -> None:
-    deadline = time.monotonic() + GUARD_S
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}:\n{server.log()[-3000:]}"
-        assert server.proc.poll() is None, server.log()
-        time.sleep(0.05)
 
 
 def _reported(text: str, model: str, version: str) -> list[str]:
@@ -195,8 +187,8 @@ def test_a_new_model_and_a_new_version_appear_then_go_with_their_series(reposito
         shutil.copytree(repository / "mnist" / "1", staging / "1")
         staging.rename(repository / "digits")
         add_version(repository / "mnist", 2, repository / "mnist" / "1")
-        _wait(lambda: _health(server, "digits") == "SERVING", "model digits", server)
-        _wait(lambda: infer_ok(server, reference.images[:1])[1] == "2", "mnist/2", server)
+        wait_until(lambda: _health(server, "digits") == "SERVING", "model digits", server)
+        wait_until(lambda: infer_ok(server, reference.images[:1])[1] == "2", "mnist/2", server)
         with channel(server) as ch:
             stub = pb_grpc.GRPCInferenceServiceStub(ch)
             reply = stub.ModelInfer(infer_request(reference.images[:8], "digits"), timeout=30)
@@ -205,13 +197,13 @@ def test_a_new_model_and_a_new_version_appear_then_go_with_their_series(reposito
 
         # A version removed while its model stays: its series go (single process: removed, not blanked).
         shutil.rmtree(repository / "mnist" / "2")
-        _wait(lambda: not _has(server.metrics(), SERIES[0], "mnist", "2"), "mnist/2 series to go", server)
+        wait_until(lambda: not _has(server.metrics(), SERIES[0], "mnist", "2"), "mnist/2 series to go", server)
         version_gone = server.metrics()
 
         # A whole model removed: not ready, NOT_FOUND, its series gone; the other model serves on.
         (repository / "digits").rename(repository / ".trash-digits")
         shutil.rmtree(repository / ".trash-digits")
-        _wait(lambda: _health(server, "digits") == "NOT_SERVING", "model digits to go", server)
+        wait_until(lambda: _health(server, "digits") == "NOT_SERVING", "model digits to go", server)
         with channel(server) as ch, pytest.raises(grpc.RpcError) as gone:
             pb_grpc.GRPCInferenceServiceStub(ch).ModelInfer(infer_request(reference.images[:1], "digits"), timeout=10)
         model_gone = server.metrics()
@@ -236,21 +228,32 @@ def test_a_new_model_and_a_new_version_appear_then_go_with_their_series(reposito
     assert "unloading model digits version 1" in server.log()
 
 
-def test_a_failing_rescan_is_logged_and_polling_goes_on(repository, tmp_path, reference):
-    """A folder named '²' (a digit to str.isdigit, not to int) makes a rescan raise: the server logs it, keeps
-    serving what is loaded, and the next rescans still pick up new versions once the folder is gone."""
-    server = start_server(repository, tmp_path, "--model-poll-interval-s", "0.2")
+async def test_a_failing_rescan_is_logged_and_polling_goes_on(repository, reference, caplog):
+    """Whatever makes a rescan raise (nothing found on disk does any more: a missing root is skipped, odd
+    folder names are ignored), the poller logs it, keeps what is loaded serving, and polls on. In process,
+    with the fault injected into the real repository's rescan."""
+    server = InferenceServer(Settings(model_repository=repository, model_poll_interval_s=0.05, data_dir=ROOT / "data"))
+    await server.repository.load_all()
+    real_rescan, faults = server.repository.rescan, [OSError("Input/output error"), RuntimeError("boom")]
+
+    async def rescan():
+        if faults:
+            raise faults.pop(0)
+        await real_rescan()
+
+    server.repository.rescan = rescan
+    poller = asyncio.create_task(server._poll_repository())
     try:
-        odd = repository / "mnist" / "²"
-        shutil.copytree(repository / "mnist" / "1", odd)
-        _wait(lambda: "repository rescan failed; serving what is loaded" in server.log(), "a failed rescan", server)
-        during = infer_ok(server, reference.images[:8])
-        shutil.rmtree(odd)
-        add_version(repository / "mnist", 2, repository / "mnist" / "1")
-        _wait(lambda: infer_ok(server, reference.images[:1])[1] == "2", "mnist/2 after the failures", server)
-        after = infer_ok(server, reference.images[:8])
+        with caplog.at_level(logging.ERROR, logger="serving.server"):
+            await until(lambda: not faults, "two failed rescans")
+            [mv] = server.repository.versions()
+            probs, _, _ = await mv.batcher.infer(reference.images[:8])  # what is loaded still answers
+            add_version(repository / "mnist", 2, repository / "mnist" / "1")
+            await until(lambda: "2" in {v.version for v in server.repository.versions()}, "mnist/2 after them")
     finally:
-        code = server.stop()
-    assert code == 0, server.log()
-    assert during[1] == "1" and reference.check(0, 8, during[0])
-    assert after[1] == "2" and reference.check(0, 8, after[0])
+        poller.cancel()
+        for version in server.repository.versions():
+            await version.unload()
+    assert reference.check(0, 8, probs)
+    failures = [r for r in caplog.records if r.getMessage() == "repository rescan failed; serving what is loaded"]
+    assert [str(r.exc_info[1]) for r in failures] == ["Input/output error", "boom"]

@@ -11,7 +11,7 @@ from collections import Counter
 
 import grpc
 from balancer import Balancer
-from rel_harness import report
+from rel_harness import report, until
 from server_process import start_server
 
 from serving.client import channel_options, infer_request, probabilities
@@ -59,13 +59,6 @@ class Load:
         await asyncio.gather(*self.tasks)
 
 
-async def _until(predicate, what: str, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        await asyncio.sleep(0.05)
-
-
 async def test_sigterm_on_one_of_two_replicas_fails_no_call(trained_repository, tmp_path, reference):
     flags = ("--drain-delay-s", str(DRAIN_DELAY_S), "--grace-period-s", str(GRACE_S), "--metrics-port", "0")
     a = start_server(trained_repository, tmp_path, *flags)
@@ -81,7 +74,7 @@ async def test_sigterm_on_one_of_two_replicas_fails_no_call(trained_repository, 
             channels = [grpc.aio.insecure_channel(t, options=channel_options(lb) + own) for t, lb in targets]
             for (_, lb), ch in zip(targets, channels, strict=True):
                 load.add(ch, 4, lb)
-            await _until(lambda: load.ok("round_robin") > 200 and load.ok("pick_first") > 200, "traffic")
+            await until(lambda: load.ok("round_robin") > 200 and load.ok("pick_first") > 200, "traffic")
             assert balancer.connections[a.grpc_port] >= 2, balancer.connections
             before = a.answered()
             signalled = time.monotonic()
@@ -91,7 +84,7 @@ async def test_sigterm_on_one_of_two_replicas_fails_no_call(trained_repository, 
             code = await asyncio.to_thread(a.proc.wait, GRACE_S + 10)
             exited = time.monotonic() - signalled
             after_exit = load.ok()
-            await _until(lambda: load.ok() > after_exit + 300, "traffic after replica a left")
+            await until(lambda: load.ok() > after_exit + 300, "traffic after replica a left")
             await load.finish()
             for ch in channels:
                 await ch.close()
@@ -132,11 +125,11 @@ async def test_a_new_replica_gets_a_fair_share_of_a_long_lived_client(trained_re
             # One long-lived client with one connection at a time (pick_first through a ClusterIP-like balancer).
             async with grpc.aio.insecure_channel(balancer.url, options=channel_options("pick_first")) as ch:
                 load.add(ch, 4, "client")
-                await _until(lambda: load.ok() > 200, "traffic to replica a")
+                await until(lambda: load.ok() > 200, "traffic to replica a")
                 b = start_server(trained_repository, tmp_path, *flags)
                 balancer.set_backends([a.grpc_port, b.grpc_port])
                 added = time.monotonic()
-                await _until(lambda: b.answered() > 0, "replica b to get its first call", timeout=20)
+                await until(lambda: b.answered() > 0, "replica b to get its first call", timeout=20)
                 first_call_s = time.monotonic() - added
                 # Over the next 8 s (four connection ages) b must serve about half.
                 a0, b0 = a.answered(), b.answered()

@@ -6,7 +6,7 @@ import time
 
 import grpc
 import pytest
-from rel_harness import add_version, channel
+from rel_harness import add_version, channel, wait_until
 from server_process import start_server
 
 from serving.config import parse_version_policy
@@ -34,13 +34,6 @@ def ready_versions(server) -> list[str]:
     return sorted(m.version for m in index.models)
 
 
-def _wait(predicate, what: str, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, what
-        time.sleep(0.1)
-
-
 def test_latest_keeps_the_newest_versions_that_load(repository, tmp_path):
     model_dir = repository / "mnist"
     for v in (2, 3):
@@ -58,7 +51,7 @@ def test_latest_keeps_the_newest_versions_that_load(repository, tmp_path):
         assert "versions: 2, 3" in err.value.details()
         # A new version pushes the oldest out; a broken newest one does not count, so 4 and 3 stay.
         add_version(model_dir, 4, model_dir / "1")
-        _wait(lambda: ready_versions(server) == ["3", "4"], "version 4 in, 2 out")
+        wait_until(lambda: ready_versions(server) == ["3", "4"], "version 4 in, 2 out")
         add_version(model_dir, 5, model_dir / "1", onnx=b"this is not an onnx model")
         time.sleep(1.0)
         assert ready_versions(server) == ["3", "4"]
