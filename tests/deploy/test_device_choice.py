@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import importlib.util
+import json
 import re
 import shutil
 import subprocess
@@ -128,3 +129,40 @@ def test_makefile_records_the_choice_and_reinstalls_only_when_it_changes(tmp_pat
     plan = make("-n", "venv", "DEVICE=cpu")
     assert "--device $(cat" in plan and "pip uninstall --quiet --yes onnxruntime onnxruntime-gpu" in plan
     assert "pip check" in plan
+
+
+def _resolve(requirements: list[str], tmp_path: Path) -> dict[str, str]:
+    """What pip would install for `requirements` in an empty environment (resolved against the package index,
+    wheels' metadata only, nothing installed): name -> version. pip refuses a set with a conflict."""
+    listing, report = tmp_path / "requirements.txt", tmp_path / "report.json"
+    listing.write_text("\n".join(requirements) + "\n")
+    done = subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--dry-run", "--ignore-installed", "--quiet",
+         "--report", str(report), "--requirement", str(listing)],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    installs = json.loads(report.read_text())["install"]
+    return {reqs.requirement_name(i["metadata"]["name"]): i["metadata"]["version"] for i in installs}
+
+
+@pytest.mark.parametrize(
+    ("extras", "onnxruntime"),
+    [
+        (EVERYTHING, reqs.DEVICE_REQUIREMENT["cuda"]),  # `make venv` / `make test` on a GPU machine
+        (["serve"], "onnxruntime-gpu"),  # the GPU serving image (serving.Dockerfile; CUDA from its base image)
+    ],
+    ids=["make-venv-cuda", "gpu-image"],
+)
+def test_the_gpu_sets_resolve_without_conflicts(extras, onnxruntime, tmp_path):
+    """The GPU environments are never installed on this CPU machine (onnxruntime-gpu with CUDA and cuDNN is
+    gigabytes), but pip resolves them here: a pin that conflicts with onnxruntime-gpu or its CUDA wheels fails
+    this test instead of a GPU user's `make run` or the image build (where `pip check` runs)."""
+    requirements = reqs.requirements(REPO / "pyproject.toml", extras, onnxruntime)
+    resolved = _resolve(requirements, tmp_path)
+    pinned = as_dict(requirements)
+    version = pinned["onnxruntime-gpu"]
+    assert resolved["onnxruntime-gpu"] == version and "onnxruntime" not in resolved
+    assert all(resolved[name] == v for name, v in pinned.items()), "pip picked another version of a pin"
+    if "cuda" in onnxruntime:  # the CUDA runtime and cuDNN come as wheels: no system CUDA needed
+        assert {"nvidia-cuda-runtime", "nvidia-cudnn-cu13", "nvidia-cublas"} <= set(resolved), sorted(resolved)
