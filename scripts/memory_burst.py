@@ -59,8 +59,10 @@ def start(repository: Path, extra: list[str], env: dict[str, str], log_path: Pat
     raise SystemExit("server not SERVING in 120 s")
 
 
-async def phase(url: str, request, clients: int, channels: int, seconds: float, pid: int) -> dict:
-    """Closed-loop clients over `channels` connections for `seconds`; codes, accepted images/s, peak RSS."""
+async def phase(url: str, request, clients: int, channels: int, seconds: float, pid: int, stream: bool) -> dict:
+    """Closed-loop clients over `channels` connections for `seconds`; codes, accepted images/s, peak RSS.
+    `stream`: each client sends over one ModelStreamInfer stream, one request at a time (a refusal is the
+    answer's error_message, whose "CODE: ..." prefix is counted)."""
     proc = psutil.Process(pid)
     codes: Counter = Counter()
     sent = 0
@@ -71,6 +73,17 @@ async def phase(url: str, request, clients: int, channels: int, seconds: float, 
         for _ in range(channels)
     ]
     stubs = [pb_grpc.GRPCInferenceServiceStub(c) for c in chans]
+
+    async def stream_client(i: int):
+        nonlocal sent
+        call = stubs[i % channels].ModelStreamInfer(timeout=seconds + 60)
+        while time.monotonic() < stop:
+            sent += 1
+            await call.write(request)
+            answer = await call.read()
+            codes[answer.error_message.split(":", 1)[0] if answer.error_message else "OK"] += 1
+        await call.done_writing()
+        await call.code()
 
     async def client(i: int):
         nonlocal sent
@@ -89,7 +102,7 @@ async def phase(url: str, request, clients: int, channels: int, seconds: float, 
             await asyncio.sleep(0.02)
 
     started = time.monotonic()
-    await asyncio.gather(sample(), *[client(i) for i in range(clients)])
+    await asyncio.gather(sample(), *[(stream_client if stream else client)(i) for i in range(clients)])
     elapsed = time.monotonic() - started
     for c in chans:
         await c.close()
@@ -111,6 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--channels", type=int, default=8, help="client connections (clients share them)")
     parser.add_argument("--baseline-clients", type=int, default=2)
     parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--stream", action="store_true", help="ModelStreamInfer instead of unary ModelInfer")
     parser.add_argument("--server-arg", action="append", default=[], help="extra server flag (repeatable)")
     parser.add_argument("--server-env", action="append", default=[], help="NAME=VALUE for the server")
     parser.add_argument("--log", type=Path, default=ROOT / "build" / "memory_burst.log")
@@ -123,12 +137,13 @@ def main(argv: list[str] | None = None) -> int:
     proc, url = start(args.model_repository, extra, env, args.log)
     try:
         idle = round(psutil.Process(proc.pid).memory_info().rss / 2**20)
-        base = asyncio.run(phase(url, request, args.baseline_clients, 1, args.seconds / 2, proc.pid))
-        burst = asyncio.run(phase(url, request, args.clients, args.channels, args.seconds, proc.pid))
+        base = asyncio.run(phase(url, request, args.baseline_clients, 1, args.seconds / 2, proc.pid, args.stream))
+        burst = asyncio.run(phase(url, request, args.clients, args.channels, args.seconds, proc.pid, args.stream))
     finally:
         proc.terminate()
         proc.wait(30)
-    result = {"server_args": extra, "server_env": env, "rss_idle_mib": idle, "baseline": base, "burst": burst}
+    result = {"server_args": extra, "server_env": env, "stream": args.stream, "rss_idle_mib": idle, "baseline": base,
+              "burst": burst}  # fmt: skip
     sys.stdout.write(json.dumps(result, indent=1) + "\n")
     bad = [p for p in (base, burst) if set(p["codes"]) - {"OK", "RESOURCE_EXHAUSTED"} or p["answered"] != p["sent"]]
     return 1 if bad else 0

@@ -6,10 +6,14 @@ message is read costs almost nothing (HTTP/2 flow control stops its sender; the 
 size of a request is only known once it is read, so a call is refused unread when the bytes already held,
 plus a typical request (a moving average of recent sizes) for each call being read and for this one, would
 pass the budget; a call read in spite of that (sizes vary) is refused when its real size does not fit. One
-request alone is always admitted. Measured in docs/reliability.md ("Memory under overload").
+request alone is always admitted. A ModelStreamInfer stream is not refused but waits (`wait_for_room`): it
+stops reading, and HTTP/2 flow control slows its client. Measured in docs/reliability.md ("Memory under
+overload").
 """
 
 from __future__ import annotations
+
+import asyncio
 
 from serving.errors import Overloaded
 
@@ -26,19 +30,34 @@ class Admission:
         self.held = 0  # serialized bytes of the requests read and admitted, until answered
         self.reading = 0  # calls admitted unread, whose message is being read
         self.typical = 0.0  # moving average of request sizes
+        self._freed: asyncio.Event | None = None  # set whenever held or reading goes down
+
+    def _full(self) -> bool:
+        return bool(self.held or self.reading) and self.held + (self.reading + 1) * self.typical > self.budget
 
     def before_read(self) -> None:
         """Admit a call before its message is read (then `after_read` or `read_failed`), or raise Overloaded."""
-        if (self.held or self.reading) and self.held + (self.reading + 1) * self.typical > self.budget:
+        if self._full():
             raise Overloaded(self._message())
+        self.reading += 1
+
+    async def wait_for_room(self) -> None:
+        """Wait until a read would be admitted, then count it as being read (then `after_read` or `read_failed`)."""
+        while self._full():
+            if self._freed is None:
+                self._freed = asyncio.Event()
+            self._freed.clear()
+            await self._freed.wait()
         self.reading += 1
 
     def after_read(self, size: int) -> None:
         self.reading -= 1
         self.typical += _NEW_SIZE_WEIGHT * (size - self.typical)
+        self._notify()
 
     def read_failed(self) -> None:
         self.reading -= 1
+        self._notify()
 
     def hold(self, size: int) -> None:
         """Hold a request's `size` bytes until `release`, or raise Overloaded when they do not fit."""
@@ -48,6 +67,11 @@ class Admission:
 
     def release(self, size: int) -> None:
         self.held -= size
+        self._notify()
+
+    def _notify(self) -> None:
+        if self._freed is not None:
+            self._freed.set()
 
     def _message(self) -> str:
         return (

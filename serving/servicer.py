@@ -241,9 +241,23 @@ class InferStream:
             reader.cancel()
 
     async def _read(self) -> None:
+        admission = self.servicer.admission
+        requests = aiter(self.requests)
         try:
-            async for request in self.requests:
+            while True:
                 await self.window.acquire()
+                # NOTE: a stream is never refused for memory: it stops reading (HTTP/2 flow control slows the
+                # client) until the process has room for a typical request.
+                await admission.wait_for_room()
+                try:
+                    request = await anext(requests, None)
+                except BaseException:
+                    admission.read_failed()
+                    raise
+                if request is None:  # the client closed its side
+                    admission.read_failed()
+                    break
+                admission.after_read(request.nbytes)
                 task = asyncio.create_task(self._answer(request))
                 self.tasks.add(task)
                 task.add_done_callback(self.tasks.discard)

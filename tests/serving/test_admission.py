@@ -110,3 +110,19 @@ async def test_a_read_that_fails_or_is_cancelled_gives_its_place_back():
     received = await s._read_admitted(_Context(message))
     assert received.message.model_name == "mnist" and s.admission.reading == 0
     assert s.admission.typical > 0
+
+
+async def test_wait_for_room_returns_once_something_is_released():
+    a = Admission(budget=8 * MB)
+    a.typical = 4 * MB
+    a.hold(8 * MB)
+    waiter = asyncio.create_task(a.wait_for_room())
+    await asyncio.sleep(0.01)
+    assert not waiter.done() and a.reading == 0
+    a.release(4 * MB)  # 4 MB held + one typical 4 MB read fits
+    await asyncio.wait_for(waiter, 1)
+    assert a.reading == 1
+    a.read_failed()
+    waiter = asyncio.create_task(a.wait_for_room())  # room now: returns at once
+    await asyncio.wait_for(waiter, 1)
+    assert a.reading == 1

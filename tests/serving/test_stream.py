@@ -14,6 +14,7 @@ import tritonclient.grpc as tc
 from metrics_helpers import scrape
 from server_process import start_server
 
+from serving.admission import Admission
 from serving.client import infer_request, probabilities
 from serving.config import Settings
 from serving.protos import grpc_service_pb2 as pb
@@ -150,6 +151,7 @@ class GatedServicer:
     def __init__(self, limit: int) -> None:
         self.settings = Settings(stream_max_in_flight=limit, model_repository="unused")
         self.state = ServerState()
+        self.admission = Admission(self.settings.max_inflight_bytes)
         self.gate = asyncio.Event()
         self.active = self.peak = 0
 
@@ -180,6 +182,22 @@ async def test_a_fast_client_is_held_to_the_in_flight_bound():
     ids = await asyncio.wait_for(collected, 10)
     assert sorted(ids, key=int) == [str(i) for i in range(100)]
     assert servicer.peak == 4
+
+
+async def test_a_stream_waits_while_the_process_holds_its_byte_budget_and_is_never_refused():
+    servicer = GatedServicer(limit=8)
+    admission = servicer.admission
+    admission.typical = 1 << 20
+    admission.hold(admission.budget)  # other calls hold the whole budget
+    stream = InferStream(servicer, _requests(3), None)
+    collected = asyncio.create_task(_collect(stream))
+    await asyncio.sleep(0.05)
+    assert servicer.active == 0 and admission.reading == 0  # nothing read: waiting for room, not refused
+    admission.release(admission.budget)
+    await asyncio.sleep(0.05)
+    assert servicer.active == 3 and admission.reading == 0 and admission.held == 0
+    servicer.gate.set()
+    assert sorted(await asyncio.wait_for(collected, 5)) == ["0", "1", "2"]
 
 
 async def test_drain_answers_accepted_requests_and_ends_the_stream():
