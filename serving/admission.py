@@ -14,6 +14,7 @@ overload").
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 
 from serving.errors import Overloaded
 
@@ -49,6 +50,20 @@ class Admission:
             self._freed.clear()
             await self._freed.wait()
         self.reading += 1
+
+    async def read(self, receive: Callable[[], Awaitable], end: object = None):
+        """For a call counted as being read: await `receive()` and record the request's size; None when it
+        returns `end` (the client sent nothing more). A failure or cancellation gives the place back."""
+        try:
+            received = await receive()
+        except BaseException:
+            self.read_failed()
+            raise
+        if received is end:
+            self.read_failed()
+            return None
+        self.after_read(received.nbytes)
+        return received
 
     def after_read(self, size: int) -> None:
         self.reading -= 1

@@ -143,15 +143,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             metrics.SHED.labels("", "", "inflight_bytes").inc()
             metrics.REQUESTS.labels("", "", grpc.StatusCode.RESOURCE_EXHAUSTED.name).inc()
             raise
-        try:
-            received = await context.read()
-        except BaseException:
-            self.admission.read_failed()
-            raise
-        if received is grpc.aio.EOF:
-            self.admission.read_failed()
+        received = await self.admission.read(context.read, end=grpc.aio.EOF)
+        if received is None:
             raise InvalidInput("ModelInfer call without a request message")
-        self.admission.after_read(received.nbytes)
         return received
 
     async def ModelStreamInfer(self, request_iterator, context):
@@ -249,15 +243,9 @@ class InferStream:
                 # NOTE: a stream is never refused for memory: it stops reading (HTTP/2 flow control slows the
                 # client) until the process has room for a typical request.
                 await admission.wait_for_room()
-                try:
-                    request = await anext(requests, None)
-                except BaseException:
-                    admission.read_failed()
-                    raise
+                request = await admission.read(lambda: anext(requests, None))
                 if request is None:  # the client closed its side
-                    admission.read_failed()
                     break
-                admission.after_read(request.nbytes)
                 task = asyncio.create_task(self._answer(request))
                 self.tasks.add(task)
                 task.add_done_callback(self.tasks.discard)
