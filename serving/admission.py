@@ -31,7 +31,7 @@ class Admission:
         self.held = 0  # serialized bytes of the requests read and admitted, until answered
         self.reading = 0  # calls admitted unread, whose message is being read
         self.typical = 0.0  # moving average of request sizes
-        self._freed: asyncio.Event | None = None  # set whenever held or reading goes down
+        self._freed = asyncio.Event()  # set whenever held or reading goes down
 
     def _full(self) -> bool:
         return bool(self.held or self.reading) and self.held + (self.reading + 1) * self.typical > self.budget
@@ -45,8 +45,6 @@ class Admission:
     async def wait_for_room(self) -> None:
         """Wait until a read would be admitted, then count it as being read (then `after_read` or `read_failed`)."""
         while self._full():
-            if self._freed is None:
-                self._freed = asyncio.Event()
             self._freed.clear()
             await self._freed.wait()
         self.reading += 1
@@ -85,8 +83,7 @@ class Admission:
         self._notify()
 
     def _notify(self) -> None:
-        if self._freed is not None:
-            self._freed.set()
+        self._freed.set()
 
     def _message(self) -> str:
         return (

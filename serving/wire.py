@@ -38,7 +38,7 @@ class InferRequest:
 
     @classmethod
     def of(cls, message: pb.ModelInferRequest) -> InferRequest:
-        """Wrap a message built in process (tests, the canary)."""
+        """Wrap a message built in process (the tests do)."""
         return cls(message, message.raw_input_contents, message.ByteSize())
 
 
