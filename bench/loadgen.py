@@ -368,7 +368,7 @@ def format_table(results: list[dict], title: str = "") -> str:
     """Fixed-width table of step results."""
     head = (
         f"{'step':<34}{'req/s':>9}{'img/s':>10}{'p50ms':>8}{'p90ms':>8}{'p99ms':>8}{'maxms':>8}"
-        f"{'errors':>8}{'acc':>8}{'cliCPU%':>8}{'srvCPU%':>8}{'othCPU%':>8}"
+        f"{'errors':>8}{'acc':>8}{'cliCPU%':>8}{'srvCPU%':>8}{'othCPU%':>8}{'srv us/req':>11}{'img/run':>8}"
     )
     lines = [title] if title else []
     lines += [head, "-" * len(head)]
@@ -378,10 +378,13 @@ def format_table(results: list[dict], title: str = "") -> str:
         acc = f"{r['accuracy']:.4f}" if r["accuracy"] is not None else "-"
         srv = f"{r['server_cpu_pct']:.0f}" if r.get("server_cpu_pct") is not None else "-"
         oth = f"{r['other_cpu_pct']:.0f}" if r.get("other_cpu_pct") is not None else "-"
+        per_req = f"{r['server_cpu_us_per_req']:.0f}" if r.get("server_cpu_us_per_req") is not None else "-"
+        per_run = f"{r['server_mean_batch_images']:.2f}" if r.get("server_mean_batch_images") is not None else "-"
         lines.append(
             f"{r['label']:<34}{r['req_per_s']:>9.0f}{r['img_per_s']:>10.0f}"
             + "".join(f"{m:>8}" for m in ms)
-            + f"{sum(r['errors'].values()):>8}{acc:>8}{r['client_cpu_pct']:>8.0f}{srv:>8}{oth:>8}"
+            + f"{sum(r['errors'].values()):>8}{acc:>8}{r['client_cpu_pct']:>8.0f}{srv:>8}{oth:>8}{per_req:>11}"
+            + f"{per_run:>8}"
         )
         if r["errors"]:
             lines.append(f"{'':<34}errors by code: {r['errors']}")

@@ -1,56 +1,85 @@
-"""Dynamic batching: concurrent requests for one model version are merged into one onnxruntime run."""
+"""Dynamic batching: concurrent requests for one model version go into one onnxruntime run, off the event loop.
+
+Triton's dynamic batcher, for one model version: the event loop only queues requests and hands back results;
+each execution thread (`instances` of them, Triton's instance count) waits for the queue, takes everything
+queued up to `max_batch_size` images as soon as it is free, runs it (onnxruntime releases the GIL, so the loop
+keeps reading requests meanwhile) and hands the results back in one event-loop callback. An idle model starts
+a request at once (no added delay at light load); while a run is in progress, new requests queue up and go
+together in the next one. `max_queue_delay_us` optionally holds a batch back to let more requests join.
+
+NOTE: small runs used to execute on the event loop (a batch-1 run of this MLP takes ~30 us in a quiet loop,
+less than a thread hand-off). Under load that starved the loop: nothing could queue behind a run, every
+request ran alone (1.0 image per run at 32 concurrent calls) and the server used ~1.5x the CPU per request
+it uses now; see bench/README.md.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import queue
+import threading
 import time
-from collections import deque
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future as ThreadFuture
 from dataclasses import dataclass, field
 from typing import Protocol
 
 import numpy as np
 
-from serving.errors import DeadlineExceeded, Overloaded
+from serving.errors import DeadlineExceeded, ModelNotReady, Overloaded
 
 log = logging.getLogger(__name__)
 
 
 class BatchObserver(Protocol):
-    """Receives what the batcher measured per run (metrics and statistics live elsewhere).
+    """Receives what the batcher measured per run, on the event loop (metrics and statistics live elsewhere).
 
-    `on_batch`: images and requests in one onnxruntime run, its duration, and the time spent joining the
-    requests' inputs (`input_s`) and handing each its slice of the output (`output_s`)."""
+    `on_batch`: images and requests in one run, its duration, and the time spent joining the requests' inputs
+    (`input_s`) and handing each its slice (`output_s`). `on_answers`: the answers of one run that went to clients
+    (`probs` and `classes`, its argmax; not those of requests made with `client=False`, e.g. the canary's)."""
 
     def on_batch(self, images: int, requests: int, seconds: float, input_s: float, output_s: float) -> None: ...
 
-    def on_shed(self, reason: str) -> None: ...
+    def on_answers(self, probs: np.ndarray, classes: np.ndarray) -> None: ...
+
+    def on_shed(self, reason: str, count: int = 1) -> None: ...
 
     def on_queue_depth(self, images: int) -> None: ...
 
 
 @dataclass(slots=True)
+class Answer:
+    """One request's share of a run."""
+
+    probs: np.ndarray  # (n, 10) float32
+    classes: np.ndarray  # (n,) int64: probs.argmax(axis=1)
+    queue_s: float  # waiting for an execution thread
+    run_s: float  # the whole run it was part of
+
+
+@dataclass(slots=True, eq=False)
 class _Pending:
     images: np.ndarray
     future: asyncio.Future
     deadline: float | None  # time.monotonic() after which the answer is useless
+    client: bool  # its answer counts in the drift signals
     enqueued: float = field(default_factory=time.perf_counter)
 
 
+@dataclass(slots=True)
+class _Call:
+    """A function to run on an execution thread (warm-up, verification): every run of a version on its thread."""
+
+    fn: Callable[[], object]
+    future: ThreadFuture
+
+
+_STOP = object()
+
+
 class Batcher:
-    """A bounded queue and one worker task that runs whatever is queued as one batch.
-
-    When the model is idle a request runs at once (no added latency under light load); while a batch
-    runs, new requests queue up and go together in the next run. `max_queue_delay_us` optionally holds
-    a batch back to let more requests join.
-
-    Small batches run on the event loop (`inline_max_images`), so nothing would ever queue behind them: a
-    request arriving less than `merge_idle_us` after the previous run ended (the model is under load) therefore
-    waits one event-loop turn (a `call_soon` flush), and every request that arrived in the same turn goes with
-    it in one run. A request to a model idle for longer still runs at once.
-    """
+    """A bounded queue per model version, served by `instances` execution threads."""
 
     def __init__(
         self,
@@ -59,182 +88,210 @@ class Batcher:
         max_batch_size: int,
         max_queue_delay_us: int = 0,
         max_queue_images: int = 8192,
-        inline_max_images: int = 0,
+        instances: int = 1,
         name: str = "model",
-        merge_idle_us: int = 0,
     ) -> None:
         self._run = run
         self._observer = observer
         self._max_batch = max_batch_size
         self._max_delay = max_queue_delay_us / 1e6
         self._max_queued = max_queue_images
-        self._inline_max = inline_max_images
-        self._merge_idle = merge_idle_us / 1e6
-        self._last_end = 0.0  # time.perf_counter() when the latest run ended
-        self._flush_scheduled = False
-        self._queue: deque[_Pending] = deque()
-        self._queued_images = 0
-        self._worker: asyncio.Task | None = None
-        self._full = asyncio.Event()
-        # One thread: batches of one version run one after another; onnxruntime parallelises inside.
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"ort-{name}")
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        # Each counter has one writer: images submitted and finished (answered or dropped) by the event loop,
+        # images taken off the queue by the execution threads. Waiting: submitted - taken; in the server:
+        # submitted - finished.
+        self._submitted = 0
+        self._taken = 0
+        self._finished = 0
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._closed = False
+        self._threads = [
+            threading.Thread(target=self._serve, name=f"ort-{name}-{i}", daemon=True) for i in range(instances)
+        ]
+        for thread in self._threads:
+            thread.start()
 
     @property
     def queued_images(self) -> int:
-        return self._queued_images
+        """Images waiting for an execution thread (Triton's queue: what runs is not counted)."""
+        return self._submitted - self._taken
 
     @property
-    def busy(self) -> bool:
-        return self._worker is not None
+    def unanswered_images(self) -> int:
+        """Images submitted and not answered yet (waiting or running)."""
+        return self._submitted - self._finished
 
-    async def infer(self, images: np.ndarray, deadline: float | None = None) -> tuple[np.ndarray, float, float]:
-        """(probabilities, seconds queued, seconds of the run) for `images`, computed in whichever batch they
-        land in (the run time is the whole batch's: every request in it waited for all of it)."""
+    @property
+    def thread_ids(self) -> set[int]:
+        return {t.ident for t in self._threads}
+
+    def call(self, fn: Callable[[], object]) -> object:
+        """Run `fn` on an execution thread and return its result (blocking; for loading, never on the loop)."""
+        future: ThreadFuture = ThreadFuture()
+        self._queue.put(_Call(fn, future))
+        return future.result()
+
+    async def infer(self, images: np.ndarray, deadline: float | None = None, client: bool = True) -> Answer:
+        """`images`' answer, computed in whichever batch they land in (`client`: a client's request, whose answer
+        the drift signals count)."""
+        if self._closed:
+            raise ModelNotReady("this model version is being unloaded; retry")
         n = images.shape[0]
-        if self._queued_images + n > self._max_queued:
+        queued = self._submitted - self._taken
+        if queued + n > self._max_queued:
             self._observer.on_shed("queue_full")
-            raise Overloaded(
-                f"queue full ({self._queued_images} images waiting, limit {self._max_queued}); retry later"
-            )
-        if (
-            self._worker is None
-            and n <= self._inline_max
-            and (not self._merge_idle or time.perf_counter() - self._last_end > self._merge_idle)
-        ):
-            return self._run_now(images)
-        loop = asyncio.get_running_loop()
+            raise Overloaded(f"queue full ({queued} images waiting, limit {self._max_queued}); retry later")
+        # NOTE: the loop is looked up once: asyncio.get_running_loop() makes a getpid() system call on 3.11.
+        loop = self._loop or self._set_loop()
         future = loop.create_future()
-        self._queue.append(_Pending(images, future, deadline))
-        self._queued_images += n
-        if self._queued_images >= self._max_batch:
-            self._full.set()
-        if self._worker is None:
-            if self._queued_images <= self._inline_max and not self._max_delay:
-                if not self._flush_scheduled:  # after the callbacks ready now: requests of this turn join
-                    self._flush_scheduled = True
-                    loop.call_soon(self._flush)
-            else:
-                self._worker = asyncio.create_task(self._work())
+        self._submitted += n
+        self._queue.put(_Pending(images, future, deadline, client))
         return await future
 
-    def _run_now(self, images: np.ndarray) -> tuple[np.ndarray, float, float]:
-        """Idle model, small batch: compute in the caller, skipping queue, task and future (the light-load path).
-
-        Nothing can interleave (no await), so the queue stays consistent."""
-        start = time.perf_counter()
-        probs = self._run(images)
-        self._last_end = end = time.perf_counter()
-        seconds = end - start
-        self._observer.on_batch(images.shape[0], 1, seconds, 0.0, 0.0)
-        return probs, 0.0, seconds
-
-    def _flush(self) -> None:
-        """Run what queued up during one event-loop turn, on the loop (small) or via the worker task (large)."""
-        self._flush_scheduled = False
-        while self._queue and self._worker is None:
-            if self._queued_images > self._inline_max:
-                self._worker = asyncio.create_task(self._work())
-                return
-            batch = self._take()
-            if batch:
-                self._finish(batch, *self._run_inline(batch))
-
-    def _run_inline(self, batch: list[_Pending]) -> tuple:
-        start = time.perf_counter()
-        images = batch[0].images if len(batch) == 1 else np.concatenate([p.images for p in batch])
-        joined = time.perf_counter()
-        try:
-            return images, self._run(images), start, joined
-        except Exception as exc:
-            return images, exc, start, joined
+    def _set_loop(self) -> asyncio.AbstractEventLoop:
+        self._loop = asyncio.get_running_loop()
+        return self._loop
 
     async def drain(self) -> None:
         """Wait until everything queued has been answered."""
-        while self._worker is not None:
-            await asyncio.shield(self._worker)
+        while self._submitted != self._finished:
+            await asyncio.sleep(0.005)
 
     def close(self) -> None:
-        self._executor.shutdown(wait=False, cancel_futures=True)
+        """Refuse new requests; the execution threads answer what is queued, then end (daemons: not waited for)."""
+        if not self._closed:
+            self._closed = True
+            self._queue.put(_STOP)
 
-    async def _work(self) -> None:
-        loop = asyncio.get_running_loop()
-        try:
-            while self._queue:
-                if self._max_delay and self._queued_images < self._max_batch:
-                    await self._wait_for_more()
-                batch = self._take()
-                if batch:
-                    await self._execute(loop, batch)
-        finally:
-            self._worker = None
+    # ------------------------------------------------------------------ execution threads
 
-    async def _wait_for_more(self) -> None:
-        remaining = self._queue[0].enqueued + self._max_delay - time.perf_counter()
-        if remaining > 0:
-            self._full.clear()
+    def _serve(self) -> None:
+        carry = None
+        while True:
+            item = carry if carry is not None else self._queue.get()
+            carry = None
+            if item is _STOP:
+                self._queue.put(_STOP)  # for the other threads
+                return
+            if isinstance(item, _Call):
+                _call(item)
+                continue
+            batch, carry = self._gather(item)
+            self._taken += sum(p.images.shape[0] for p in batch)
+            self._execute(batch)
+
+    def _gather(self, first: _Pending) -> tuple[list[_Pending], object]:
+        """`first` and whatever else is queued, up to max_batch_size images of one dtype; the item that did not
+        fit is carried over to the next run."""
+        batch = [first]
+        images = first.images.shape[0]
+        dtype = first.images.dtype
+        get = self._queue.get
+        until = first.enqueued + self._max_delay if self._max_delay else 0.0
+        while images < self._max_batch:
             try:
-                await asyncio.wait_for(self._full.wait(), remaining)
-            except TimeoutError:
-                pass
-
-    def _take(self) -> list[_Pending]:
-        """Pop up to max_batch_size images' worth of live requests; expired ones are answered here."""
-        batch: list[_Pending] = []
-        images = 0
-        now = time.monotonic()
-        queue = self._queue
-        while queue:
-            item = queue[0]
+                if until:
+                    remaining = until - time.perf_counter()
+                    item = get(timeout=remaining) if remaining > 0 else get(block=False)
+                else:
+                    item = get(block=False)
+            except queue.Empty:
+                break
+            if not isinstance(item, _Pending):  # a stop or a call: after this run
+                return batch, item
             n = item.images.shape[0]
-            if batch and (images + n > self._max_batch or item.images.dtype != batch[0].images.dtype):
-                break  # full, or UINT8 after FP32 (or the reverse): one run takes one dtype; FIFO order kept
-            queue.popleft()
-            self._queued_images -= n
-            if item.deadline is not None and now > item.deadline:
-                self._observer.on_shed("deadline")
-                # Usually the caller is gone already: gRPC cancels the handler when its deadline passes.
-                if not item.future.done():
-                    item.future.set_exception(DeadlineExceeded("deadline passed while the request was queued"))
-                continue
-            if item.future.done():  # the caller went away (cancelled)
-                continue
+            if images + n > self._max_batch or item.images.dtype != dtype:
+                return batch, item  # full, or UINT8 after FP32 (or the reverse): one run takes one dtype
             batch.append(item)
             images += n
-        self._observer.on_queue_depth(self._queued_images)
-        return batch
+        return batch, None
 
-    async def _execute(self, loop: asyncio.AbstractEventLoop, batch: list[_Pending]) -> None:
+    def _execute(self, batch: list[_Pending]) -> None:
+        """Run the live requests of `batch` (expired and cancelled ones are dropped) and hand the results back."""
         start = time.perf_counter()
-        images = batch[0].images if len(batch) == 1 else np.concatenate([p.images for p in batch])
+        now = time.monotonic()
+        live = [p for p in batch if not p.future.done() and (p.deadline is None or now <= p.deadline)]
+        loop = batch[0].future.get_loop()
+        if not live:
+            loop.call_soon_threadsafe(self._finish, batch, live, None, start, start, start)
+            return
+        images = live[0].images if len(live) == 1 else np.concatenate([p.images for p in live])
         joined = time.perf_counter()
         try:
-            if images.shape[0] <= self._inline_max:
-                # NOTE: a thread hand-off costs ~100 us, several times what a small batch of this MLP takes
-                # to compute; small batches run right here and hold the event loop for tens of microseconds.
-                probs = self._run(images)
-            else:
-                probs = await loop.run_in_executor(self._executor, self._run, images)
+            result = self._run(images)
         except Exception as exc:
-            probs = exc
-        self._finish(batch, images, probs, start, joined)
+            result = self._isolate(live, exc)
+        loop.call_soon_threadsafe(self._finish, batch, live, result, start, joined, time.perf_counter())
 
-    def _finish(self, batch: list[_Pending], images: np.ndarray, probs, start: float, joined: float) -> None:
-        """Hand each request its slice of the run's output (or its failure)."""
-        if isinstance(probs, Exception):
-            if len(batch) > 1:
-                # NOTE: isolate the failure: rerun each request alone (on the loop) so only the culprit fails.
-                log.warning("batch of %d requests failed (%s); retrying them one by one", len(batch), probs)
-                for item in batch:
-                    self._finish([item], *self._run_inline([item]))
-            elif not batch[0].future.done():
-                batch[0].future.set_exception(probs)
+    def _isolate(self, live: list[_Pending], exc: Exception) -> list:
+        """A failed run of several requests is rerun one by one so that only the culprit fails."""
+        if len(live) == 1:
+            return [exc]
+        log.warning("batch of %d requests failed (%s); retrying them one by one", len(live), exc)
+        results = []
+        for p in live:
+            try:
+                results.append(self._run(p.images))
+            except Exception as one:
+                results.append(one)
+        return results
+
+    # ------------------------------------------------------------------ back on the event loop
+
+    def _finish(self, batch: list[_Pending], live: list[_Pending], result, start: float, joined: float, ran: float):
+        """Answer every request of a run (its slice, its failure, or a deadline for the expired)."""
+        self._finished += sum(p.images.shape[0] for p in batch)
+        self._observer.on_queue_depth(self._submitted - self._taken)
+        if len(live) != len(batch):
+            kept = {id(p) for p in live}
+            now = time.monotonic()
+            # Dropped: cancelled (the caller went away) or expired; gRPC usually cancels an expired call itself, so
+            # an expired request is counted as shed for its deadline either way.
+            expired = [p for p in batch if id(p) not in kept and p.deadline is not None and now > p.deadline]
+            for p in expired:
+                if not p.future.done():
+                    p.future.set_exception(DeadlineExceeded("deadline passed while the request was queued"))
+            if expired:
+                self._observer.on_shed("deadline", len(expired))
+        if result is None:
             return
-        self._last_end = ran = time.perf_counter()
+        if isinstance(result, list):  # failed batch, rerun one by one
+            for p, one in zip(live, result, strict=True):
+                if isinstance(one, Exception):
+                    if not p.future.done():
+                        p.future.set_exception(one)
+                else:
+                    self._answer([p], one, start, joined, ran, time.perf_counter())
+            return
+        self._answer(live, result, start, joined, ran, time.perf_counter())
+
+    def _answer(self, live: list[_Pending], probs: np.ndarray, start: float, joined: float, ran: float, now: float):
         seconds = ran - joined
-        offset = 0
-        for item in batch:
-            n = item.images.shape[0]
-            if not item.future.done():
-                item.future.set_result((probs[offset : offset + n], start - item.enqueued, seconds))
-            offset += n
-        self._observer.on_batch(images.shape[0], len(batch), seconds, joined - start, time.perf_counter() - ran)
+        classes = probs.argmax(axis=1)
+        if len(live) == 1:
+            p = live[0]
+            if not p.future.done():
+                p.future.set_result(Answer(probs, classes, start - p.enqueued, seconds))
+        else:
+            offset = 0
+            for p in live:
+                n = p.images.shape[0]
+                if not p.future.done():
+                    end = offset + n
+                    p.future.set_result(Answer(probs[offset:end], classes[offset:end], start - p.enqueued, seconds))
+                offset += n
+        self._observer.on_batch(probs.shape[0], len(live), seconds, joined - start, time.perf_counter() - now)
+        if all(p.client for p in live):
+            self._observer.on_answers(probs, classes)
+        elif any(p.client for p in live):
+            rows = np.concatenate([np.full(p.images.shape[0], p.client) for p in live])
+            self._observer.on_answers(probs[rows], classes[rows])
+
+
+def _call(item: _Call) -> None:
+    if not item.future.set_running_or_notify_cancel():
+        return
+    try:
+        item.future.set_result(item.fn())
+    except BaseException as exc:
+        item.future.set_exception(exc)

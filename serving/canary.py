@@ -59,8 +59,7 @@ class Canary:
         step = self.settings.max_batch_size
         chunks = []
         for lo in range(0, golden.labels.size, step):
-            probs, _, _ = await mv.batcher.infer(golden.images[lo : lo + step])
-            chunks.append(probs)
+            chunks.append((await mv.batcher.infer(golden.images[lo : lo + step], client=False)).probs)
         score = accuracy(np.concatenate(chunks), golden.labels)
         if mv not in self.repository.versions():  # unloaded meanwhile: do not bring its series back
             return score

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from serving import wire
 from serving.config import IMAGE_PIXELS, NUM_CLASSES
 from serving.errors import InvalidInput
 from serving.protos import feedback_pb2
@@ -161,8 +162,9 @@ def encode_infer_response(
     outputs: tuple[str, ...],
     receipt: str = "",
     classes: np.ndarray | None = None,
-) -> pb.ModelInferResponse:
-    """Build the response: every requested output as raw little-endian bytes (what tritonclient reads).
+) -> bytes:
+    """The serialized ModelInferResponse: every requested output as raw little-endian bytes (what tritonclient
+    reads).
 
     `receipt` (receipts.ReceiptKey.issue) goes into the response parameter `receipt`; `classes` is
     probabilities.argmax(axis=1) when the caller has it already."""
@@ -170,22 +172,14 @@ def encode_infer_response(
     tensors, raw = [], []
     for name in outputs:
         if name == PROBABILITIES:
-            tensors.append(pb.ModelInferResponse.InferOutputTensor(name=name, datatype="FP32", shape=(n, NUM_CLASSES)))
+            tensors.append((name, "FP32", (n, NUM_CLASSES)))
             raw.append(np.ascontiguousarray(probabilities, dtype="<f4").tobytes())
         else:
-            tensors.append(pb.ModelInferResponse.InferOutputTensor(name=name, datatype="INT64", shape=(n, 1)))
+            tensors.append((name, "INT64", (n, 1)))
             predicted = probabilities.argmax(axis=1) if classes is None else classes
             raw.append(predicted.astype("<i8").tobytes())
-    response = pb.ModelInferResponse(
-        model_name=request.model_name,
-        model_version=version,
-        id=request.id,
-        outputs=tensors,
-        raw_output_contents=raw,
-    )
-    if receipt:
-        response.parameters[RECEIPT].string_param = receipt
-    return response
+    parameters = {RECEIPT: receipt} if receipt else None
+    return wire.infer_response(request.model_name, version, request.id, tuple(tensors), raw, parameters)
 
 
 @dataclass(slots=True)

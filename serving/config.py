@@ -40,17 +40,14 @@ class Settings(BaseSettings):
     malloc_arena_max: int = Field(
         1, ge=0, description="glibc malloc arenas per process (0: glibc's default of 8 per core); fewer hold less."
     )
-    merge_idle_us: int = Field(
-        0,
-        ge=0,
-        description="A small request runs at once if the model was idle this long, else it joins the requests "
-        "arriving in the same event-loop turn in one run (0: always at once, never merged).",
-    )
     stream_max_in_flight: int = Field(
         64, ge=1, description="Unanswered requests per ModelStreamInfer stream; beyond it the server stops reading."
     )
-    inline_max_images: int = Field(
-        8, ge=0, description="Batches up to this size run on the event loop, larger ones on a thread (0: all)."
+    instance_count: int = Field(
+        1,
+        ge=1,
+        description="Execution threads per model version (Triton's instance count): each takes everything queued "
+        "when it is free and runs it as one batch.",
     )
     device: Literal["auto", "cuda", "cpu"] = Field(
         "auto", description="Execution provider: auto prefers CUDA and falls back to CPU."
@@ -71,7 +68,10 @@ class Settings(BaseSettings):
         False, description="On CUDA, capture one CUDA graph per batch bucket and replay it (implies IO binding)."
     )
     intra_op_threads: int = Field(
-        0, ge=0, description="onnxruntime intra-op threads per worker (0: cores / workers; one worker: ORT's default)."
+        0,
+        ge=0,
+        description="onnxruntime intra-op threads per execution thread (0: the cores not taken by the workers' "
+        "event loops, shared by workers x instance_count, at least 1).",
     )
     workers: int = Field(1, ge=1, description="Server processes sharing the gRPC port (SO_REUSEPORT).")
     drain_delay_s: float = Field(

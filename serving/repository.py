@@ -13,7 +13,7 @@ import numpy as np
 
 from serving import metrics
 from serving.batcher import Batcher
-from serving.config import Settings, parse_version_policy
+from serving.config import NUM_CLASSES, Settings, parse_version_policy
 from serving.errors import ModelNotFound, ModelNotReady, StartupError
 from serving.feedback import AccuracyWindow
 from serving.golden import TOLERANCE, accuracy, load_golden_set, short_of_recorded
@@ -69,10 +69,6 @@ class ModelVersion:
         self.name, self.version, self.directory = name, str(version), directory
         self.metadata = _read_metadata(directory)
         self.model = OnnxModel(directory / "model.onnx", settings)
-        self.model.warm_up(settings.max_batch_size)
-        if settings.verify_on_load:
-            _verify_accuracy(self.model, self.metadata, settings.data_dir)
-        self.load_seconds = time.perf_counter() - started
         self.provider = self.model.provider
         self.stats = Statistics()
         self.window = AccuracyWindow(settings.accuracy_window)
@@ -82,10 +78,19 @@ class ModelVersion:
             settings.max_batch_size,
             settings.max_queue_delay_us,
             settings.max_queue_images,
-            settings.inline_max_images,
+            instances=settings.instance_count,
             name=f"{name}-{version}",
-            merge_idle_us=settings.merge_idle_us,
         )
+        try:
+            # On the execution threads that will serve it (CUDA graphs are captured per thread).
+            for _ in range(settings.instance_count):
+                self.batcher.call(lambda: self.model.warm_up(settings.max_batch_size))
+            if settings.verify_on_load:
+                self.batcher.call(lambda: _verify_accuracy(self.model, self.metadata, settings.data_dir))
+        except BaseException:
+            self.batcher.close()
+            raise
+        self.load_seconds = time.perf_counter() - started
         labels = (name, self.version)
         self._request_duration = metrics.REQUEST_DURATION.labels(*labels)
         self._queue_duration = metrics.QUEUE_DURATION.labels(*labels)
@@ -107,6 +112,7 @@ class ModelVersion:
 
     # BatchObserver
     def on_batch(self, images: int, requests: int, seconds: float, input_s: float, output_s: float) -> None:
+        """One run's statistics."""
         self._compute_duration.observe(seconds)
         self._batch_size.observe(images)
         self.stats.execution_count += 1
@@ -117,8 +123,20 @@ class ModelVersion:
         batch.compute_infer.add(seconds)
         batch.compute_output.add(output_s)
 
-    def on_shed(self, reason: str) -> None:
-        metrics.SHED.labels(self.name, self.version, reason).inc()
+    def on_answers(self, probs: np.ndarray, classes: np.ndarray) -> None:
+        """Drift signals for the client answers of one run, all at once."""
+        if classes.size == 1:
+            c = int(classes[0])
+            self._predicted[c].inc()
+            self._confidence.observe(float(probs[0, c]))
+        else:
+            for c, count in enumerate(np.bincount(classes, minlength=NUM_CLASSES).tolist()):
+                if count:
+                    self._predicted[c].inc(count)
+            metrics.observe_many(self._confidence, probs.max(axis=1))
+
+    def on_shed(self, reason: str, count: int = 1) -> None:
+        metrics.SHED.labels(self.name, self.version, reason).inc(count)
 
     def on_queue_depth(self, images: int) -> None:
         self._queue_images.set(images)
@@ -144,20 +162,6 @@ class ModelVersion:
         self._request_duration.observe(seconds)
         metrics.REQUESTS.labels(self.name, self.version, code).inc()
         self.stats.fail.add(seconds)
-
-    def record_answers(self, probs: np.ndarray, classes: np.ndarray, labels: np.ndarray | None) -> None:
-        """Drift signals for every answer (`classes`: probs.argmax(axis=1)); score labels attached to it."""
-        if classes.size == 1:
-            self._predicted[int(classes[0])].inc()
-            self._confidence.observe(float(probs[0, classes[0]]))
-        else:
-            for c, count in enumerate(np.bincount(classes, minlength=10)):
-                if count:
-                    self._predicted[c].inc(int(count))
-            for p in probs.max(axis=1).tolist():
-                self._confidence.observe(p)
-        if labels is not None:
-            self.score(classes == labels)
 
     def score(self, correct: np.ndarray) -> None:
         """Count labelled answers (True: the prediction was right) and update the window."""

@@ -54,12 +54,15 @@ def uses_io_binding(settings: Settings, provider: str) -> bool:
 
 
 def intra_op_threads(settings: Settings) -> int:
-    """Threads per session: as set, else with several workers the cores split between them, else 0 (ORT's own)."""
-    if settings.intra_op_threads or settings.workers == 1:
+    """Threads per session: as set, else the cores left once each worker's event loop has one, shared by the
+    workers' execution threads (at least 1)."""
+    if settings.intra_op_threads:
         return settings.intra_op_threads
-    # Each worker would otherwise start one thread per core: workers x cores threads fighting for the cores
-    # (measured on 2 cores, workers=2: c32 2,715 -> 3,110 req/s, batch 256 97k -> 123k img/s with 1 thread each).
-    return max(1, len(os.sched_getaffinity(0)) // settings.workers)
+    # NOTE: the event loop and gRPC's threads keep a core busy under load; onnxruntime threads beyond the other
+    # cores fight them for it (2 cores, c=32 batch 1: 455-464 vs 495-517 us of CPU per request with 2 threads;
+    # batch 256 c=2: 150k vs 124k images/s).
+    cores = len(os.sched_getaffinity(0))
+    return max(1, (cores - settings.workers) // (settings.workers * settings.instance_count))
 
 
 def with_uint8_input(model_bytes: bytes) -> bytes:

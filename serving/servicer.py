@@ -160,7 +160,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 grpc.StatusCode.UNAVAILABLE, "server is shutting down; reopen the stream on another replica"
             )
 
-    async def infer(self, received: wire.InferRequest, deadline: float | None) -> pb.ModelInferResponse:
+    async def infer(self, received: wire.InferRequest, deadline: float | None) -> bytes:
         """One inference, unary or streamed: decode, batch, encode; metrics and statistics for both."""
         start = time.perf_counter()
         request = received.message
@@ -180,15 +180,19 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             size = received.nbytes
             decoded = codec.decode_infer_request(request, self.settings.max_batch_size, received.raw)
             decoded_at = time.perf_counter()
-            probs, queue_s, infer_s = await mv.batcher.infer(decoded.images, deadline)
+            answer = await mv.batcher.infer(decoded.images, deadline)
             answered_at = time.perf_counter()
-            classes = probs.argmax(axis=1)
-            mv.record_answers(probs, classes, decoded.labels)
+            if decoded.labels is not None:
+                mv.score(answer.classes == decoded.labels)
             # Labels attached to the request are scored already: no receipt to score them again.
-            receipt = "" if decoded.labels is not None else self.receipts.issue(mv.name, mv.version, classes)
-            response = codec.encode_infer_response(request, mv.version, probs, decoded.outputs, receipt, classes)
+            receipt = "" if decoded.labels is not None else self.receipts.issue(mv.name, mv.version, answer.classes)
+            response = codec.encode_infer_response(
+                request, mv.version, answer.probs, decoded.outputs, receipt, answer.classes
+            )
             end = time.perf_counter()
-            mv.record_success(end - start, probs.shape[0], queue_s, decoded_at - start, infer_s, end - answered_at)
+            mv.record_success(
+                end - start, answer.probs.shape[0], answer.queue_s, decoded_at - start, answer.run_s, end - answered_at
+            )
             return response
         except asyncio.CancelledError:
             if mv is not None:
@@ -211,7 +215,7 @@ class InferStream:
     def __init__(self, servicer: InferenceServicer, requests, deadline: float | None) -> None:
         self.servicer, self.requests, self.deadline = servicer, requests, deadline
         self.window = asyncio.Semaphore(servicer.settings.stream_max_in_flight)
-        self.answers: asyncio.Queue[pb.ModelStreamInferResponse | None] = asyncio.Queue()
+        self.answers: asyncio.Queue[bytes | pb.ModelStreamInferResponse | None] = asyncio.Queue()
         self.tasks: set[asyncio.Task] = set()
         self.reading = True
         self.cut_by_drain = False  # the drain stopped the reading: the stream ends UNAVAILABLE
@@ -259,7 +263,7 @@ class InferStream:
     async def _answer(self, received: wire.InferRequest) -> None:
         request = received.message
         try:
-            response = pb.ModelStreamInferResponse(infer_response=await self.servicer.infer(received, self.deadline))
+            response = wire.stream_response(await self.servicer.infer(received, self.deadline))
         except asyncio.CancelledError:
             raise
         except Exception as exc:
@@ -283,13 +287,15 @@ def add_inference_service(servicer: InferenceServicer, server: grpc.aio.Server) 
     captured = _Registration()
     pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, captured)
     handlers = dict(captured.handlers)
-    handlers["ModelStreamInfer"] = handlers["ModelStreamInfer"]._replace(request_deserializer=wire.parse_infer_request)
+    handlers["ModelStreamInfer"] = handlers["ModelStreamInfer"]._replace(
+        request_deserializer=wire.parse_infer_request, response_serializer=wire.serialize
+    )
     # Clients call ModelInfer as unary; served as stream-unary (identical on the wire) the handler decides
     # whether to read the request at all (ModelInfer above).
     handlers["ModelInfer"] = grpc.stream_unary_rpc_method_handler(
         servicer.ModelInfer,
         request_deserializer=wire.parse_infer_request,
-        response_serializer=handlers["ModelInfer"].response_serializer,
+        response_serializer=wire.serialize,
     )
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(captured.service, handlers),))
     server.add_registered_method_handlers(captured.service, handlers)

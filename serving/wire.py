@@ -1,14 +1,20 @@
-"""ModelInferRequest off the wire without copying its tensor bytes (gRPC's request deserializer).
+"""The inference messages on the wire: requests read without copying their tensors, responses written directly.
 
+Requests (gRPC's request deserializer):
 gRPC hands the deserializer the serialized request as one `bytes`. protobuf's parser copies each
 `raw_input_contents` entry into the message, and reading the field from Python copies it once more: a
 1024-image FP32 request (3.2 MB) was held three times over while in the server. `parse_infer_request` walks
 the top-level fields instead: the raw_input_contents entries become memoryviews into the received bytes
 (numpy reads them in place) and only the rest, a few hundred bytes, goes through protobuf.
+
+Responses: `infer_response` writes a ModelInferResponse's bytes itself (the fields that depend only on the
+model and the output shapes once per shape), instead of building a protobuf message for every answer and
+serializing it; `serialize` is the handlers' response serializer.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -108,3 +114,67 @@ def _varint(data: bytes, pos: int) -> tuple[int, int]:
             return result, at + 1
         shift += 7
     raise _Truncated
+
+
+# ---------------------------------------------------------------- responses
+# ModelInferResponse field numbers (grpc_service.proto), and those of the messages inside it.
+_MODEL_NAME, _MODEL_VERSION, _ID, _PARAMETERS, _OUTPUTS, _RAW_OUTPUT_CONTENTS = 1, 2, 3, 4, 5, 6
+_TENSOR_NAME, _TENSOR_DATATYPE, _TENSOR_SHAPE = 1, 2, 3
+_MAP_KEY, _MAP_VALUE = 1, 2
+_STRING_PARAM = 3
+_STREAM_INFER_RESPONSE = 2  # ModelStreamInferResponse.infer_response
+
+
+def _varint_bytes(value: int) -> bytes:
+    out = bytearray()
+    while value > 0x7F:
+        out.append(value & 0x7F | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def _field(number: int, payload: bytes) -> bytes:
+    """A length-delimited field (string, bytes, message, packed repeated)."""
+    return _varint_bytes(number << 3 | _LENGTH_DELIMITED) + _varint_bytes(len(payload)) + payload
+
+
+@functools.lru_cache(maxsize=4096)
+def _response_head(model_name: str, version: str, outputs: tuple[tuple[str, str, tuple[int, ...]], ...]) -> bytes:
+    """The part of a response that depends only on the model, version and output shapes: built once."""
+    head = [_field(_MODEL_NAME, model_name.encode()), _field(_MODEL_VERSION, version.encode())]
+    for name, datatype, shape in outputs:
+        dims = b"".join(_varint_bytes(d) for d in shape)
+        tensor = _field(_TENSOR_NAME, name.encode()) + _field(_TENSOR_DATATYPE, datatype.encode())
+        head.append(_field(_OUTPUTS, tensor + _field(_TENSOR_SHAPE, dims)))
+    return b"".join(head)
+
+
+def infer_response(
+    model_name: str,
+    version: str,
+    request_id: str,
+    outputs: tuple[tuple[str, str, tuple[int, ...]], ...],
+    raw: Sequence[bytes],
+    parameters: dict[str, str] | None = None,
+) -> bytes:
+    """A serialized ModelInferResponse: `outputs` (name, datatype, shape) with their raw little-endian bytes,
+    string `parameters`. What protobuf would produce, without building a message per response."""
+    parts = [_response_head(model_name, version, outputs)]
+    if request_id:
+        parts.append(_field(_ID, request_id.encode()))
+    for key, value in (parameters or {}).items():
+        entry = _field(_MAP_KEY, key.encode()) + _field(_MAP_VALUE, _field(_STRING_PARAM, value.encode()))
+        parts.append(_field(_PARAMETERS, entry))
+    parts.extend(_field(_RAW_OUTPUT_CONTENTS, r) for r in raw)
+    return b"".join(parts)
+
+
+def stream_response(infer_response: bytes) -> bytes:
+    """A serialized ModelStreamInferResponse carrying a serialized ModelInferResponse."""
+    return _field(_STREAM_INFER_RESPONSE, infer_response)
+
+
+def serialize(response) -> bytes:
+    """gRPC's response serializer: bytes built here pass as they are, protobuf messages are serialized."""
+    return response if type(response) is bytes else response.SerializeToString()

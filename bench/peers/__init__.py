@@ -1,7 +1,9 @@
-"""Peer servers measured in the same benchmark run: MLServer and KServe serving the same model.onnx on onnxruntime CPU.
+"""Peer servers measured in the same benchmark run: MLServer, KServe and NVIDIA Triton (through PyTriton) serving the
+same model.onnx on onnxruntime CPU.
 
 Each lives in its own virtualenv under build/peers/<name> (they pin other grpcio/protobuf versions than ours), with
-the versions of the pyproject.toml extras `peer-mlserver` / `peer-kserve` (never installed into the project venv).
+the versions of the pyproject.toml extras `peer-mlserver` / `peer-kserve` / `peer-triton` (never installed into the
+project venv).
 `python -m bench.peers install` (make peers) creates them.
 """
 
@@ -15,8 +17,11 @@ from pathlib import Path
 
 from bench.common import REPO_ROOT, free_port
 
-PEERS = ("mlserver", "kserve")
+PEERS = ("mlserver", "kserve", "triton")
 HERE = Path(__file__).resolve().parent
+# The interpreter each peer's venv is made from (default: python3 on PATH). Triton's Python backend stub links the
+# libpython3.11.so of Debian's python3.11, so its venv must be made from that interpreter.
+BASE_PYTHON = {"triton": "/usr/bin/python3.11"}
 
 
 def venv(name: str) -> Path:
@@ -36,9 +41,10 @@ def pins(name: str) -> list[str]:
     return out
 
 
-def install(name: str, base_python: str = "python3") -> None:
+def install(name: str, base_python: str | None = None) -> None:
     """Create build/peers/<name> with the pinned packages (idempotent: skipped when the pins are unchanged)."""
     root, specs = venv(name), pins(name)
+    base_python = base_python or BASE_PYTHON.get(name, "python3")
     stamp = root / "installed.json"
     if stamp.is_file() and json.loads(stamp.read_text()) == specs:
         return
@@ -60,6 +66,12 @@ def missing(name: str) -> str | None:
 def command(name: str, model: Path, grpc_port: int, workdir: Path) -> list[str]:
     """The command that serves `model` as model 'mnist' over the V2 gRPC protocol on `grpc_port`."""
     bin_dir = venv(name) / "bin"
+    if name == "triton":
+        return [
+            str(bin_dir / "python"), str(HERE / "triton_server.py"), "--model-onnx", str(model),
+            "--grpc-port", str(grpc_port), "--http-port", str(free_port()), "--metrics-port", str(free_port()),
+            "--workspace", str(workdir / "pytriton"),
+        ]  # fmt: skip
     if name == "kserve":
         return [
             str(bin_dir / "python"), str(HERE / "kserve_server.py"), "--model-onnx", str(model),
@@ -85,7 +97,7 @@ def command(name: str, model: Path, grpc_port: int, workdir: Path) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     if args[:1] != ["install"]:
-        print("usage: python -m bench.peers install [mlserver|kserve ...]", file=sys.stderr)
+        print("usage: python -m bench.peers install [mlserver|kserve|triton ...]", file=sys.stderr)
         return 2
     for name in args[1:] or PEERS:
         install(name)

@@ -17,10 +17,10 @@ DEADLINE_S = 1.0
 
 
 def test_expired_requests_are_shed_before_compute(trained_repository, tmp_path, reference):
-    # Nothing runs inline and a batch waits WAIT_S for company: every request sits in the queue that long.
+    # A batch waits WAIT_S for company: every request sits in the queue that long.
     server = start_server(
         trained_repository, tmp_path,
-        "--max-queue-delay-us", str(int(WAIT_S * 1e6)), "--inline-max-images", "0", "--max-batch-size", "1024",
+        "--max-queue-delay-us", str(int(WAIT_S * 1e6)), "--max-batch-size", "1024",
     )  # fmt: skip
     try:
         with channel(server) as ch:

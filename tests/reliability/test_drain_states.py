@@ -49,11 +49,11 @@ def test_during_the_drain_delay_it_is_not_ready_but_answers(trained_repository, 
 def test_calls_still_running_when_the_grace_runs_out_are_ended_and_the_server_exits(
     trained_repository, tmp_path, reference
 ):
-    # Batches held 5 s in the queue (no inline runs): a call is certain to be in flight when the 0.5 s grace ends.
+    # Batches held 5 s in the queue: a call is certain to be in flight when the 0.5 s grace ends.
     server = start_server(
         trained_repository,
         tmp_path,
-        *("--grace-period-s", "0.5", "--max-queue-delay-us", "5000000", "--inline-max-images", "0"),
+        *("--grace-period-s", "0.5", "--max-queue-delay-us", "5000000"),
     )
     outcome: dict = {}
 

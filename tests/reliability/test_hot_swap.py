@@ -247,7 +247,7 @@ async def test_a_failing_rescan_is_logged_and_polling_goes_on(repository, refere
         with caplog.at_level(logging.ERROR, logger="serving.server"):
             await until(lambda: not faults, "two failed rescans")
             [mv] = server.repository.versions()
-            probs, _, _ = await mv.batcher.infer(reference.images[:8])  # what is loaded still answers
+            probs = (await mv.batcher.infer(reference.images[:8])).probs  # what is loaded still answers
             add_version(repository / "mnist", 2, repository / "mnist" / "1")
             await until(lambda: "2" in {v.version for v in server.repository.versions()}, "mnist/2 after them")
     finally:

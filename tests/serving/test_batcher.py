@@ -1,4 +1,4 @@
-"""Dynamic batching: merging, splitting, bounds, deadlines and failure isolation, with a real numpy model."""
+"""Dynamic batching on execution threads: merging, splitting, bounds, deadlines, failure isolation, threads."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from serving.batcher import Batcher
-from serving.errors import DeadlineExceeded, Overloaded
+from serving.errors import DeadlineExceeded, ModelNotReady, Overloaded
 
 
 class Recorder:
@@ -19,20 +19,27 @@ class Recorder:
         self.shed: list[str] = []
         self.runs: list[tuple[float, float, float]] = []
 
+        self.answered: list[np.ndarray] = []
+
     def on_batch(self, images, requests, seconds, input_s, output_s):
+        assert threading.current_thread() is threading.main_thread()  # observers run on the event loop
         self.batches.append((images, requests))
         self.runs.append((seconds, input_s, output_s))
 
-    def on_shed(self, reason):
-        self.shed.append(reason)
+    def on_answers(self, probs, classes):
+        assert threading.current_thread() is threading.main_thread()
+        np.testing.assert_array_equal(classes, probs.argmax(axis=1))
+        self.answered.append(probs[:, 0])
+
+    def on_shed(self, reason, count=1):
+        self.shed += [reason] * count
 
     def on_queue_depth(self, images):
         pass
 
 
 async def probs_of(call) -> np.ndarray:
-    probs, _, _ = await call
-    return probs
+    return (await call).probs
 
 
 def model(x: np.ndarray) -> np.ndarray:
@@ -62,7 +69,7 @@ async def test_idle_queue_runs_at_once_and_concurrent_requests_merge():
     rest = [asyncio.create_task(batcher.infer(np.full((n, 4), float(n)))) for n in (2, 3, 5)]
     await asyncio.sleep(0.01)
     gate.release.set()
-    results = [r[0] for r in await asyncio.gather(first, *rest)]
+    results = [r.probs for r in await asyncio.gather(first, *rest)]
     assert rec.batches == [(1, 1), (10, 3)]  # the three waiting requests went as one run
     for n, probs in zip((1, 2, 3, 5), results, strict=True):
         assert probs.shape == (n, 10)
@@ -75,7 +82,7 @@ async def test_batches_never_exceed_max_batch_size():
     batcher = Batcher(model, rec, max_batch_size=8)
     sizes = [3, 5, 2, 7, 1, 8, 4] * 5
     results = [
-        r[0] for r in await asyncio.gather(*(batcher.infer(np.full((n, 2), float(i))) for i, n in enumerate(sizes)))
+        r.probs for r in await asyncio.gather(*(batcher.infer(np.full((n, 2), float(i))) for i, n in enumerate(sizes)))
     ]
     assert all(images <= 8 for images, _ in rec.batches)
     assert sum(images for images, _ in rec.batches) == sum(sizes)
@@ -120,9 +127,8 @@ async def test_expired_deadline_is_dropped_before_compute():
     batcher.close()
 
 
-@pytest.mark.parametrize("inline_max", [0, 16], ids=["thread", "inline"])
-async def test_a_failing_request_does_not_fail_its_batch_mates(inline_max):
-    """On the thread (a big run) and inline on the event loop (a small one), the batch is retried one by one."""
+async def test_a_failing_request_does_not_fail_its_batch_mates():
+    """A failed run of several requests is retried one by one on the execution thread: only the culprit fails."""
 
     def picky(x):
         if np.isnan(x).any():
@@ -132,8 +138,7 @@ async def test_a_failing_request_does_not_fail_its_batch_mates(inline_max):
     rec = Recorder()
     gate = Gate()
     run = lambda x: gate(x) if x[0, 0] == 7 else picky(x)  # noqa: E731
-    batcher = Batcher(run, rec, max_batch_size=32, inline_max_images=inline_max)
-    # 20 images: over any inline limit, so the blocker runs on the thread and the gate can hold it.
+    batcher = Batcher(run, rec, max_batch_size=32)
     blocker = asyncio.create_task(batcher.infer(np.full((20, 2), 7.0)))
     await asyncio.to_thread(gate.started.wait, 5)
     good = [asyncio.create_task(batcher.infer(np.ones((2, 2)))) for _ in range(3)]
@@ -147,11 +152,11 @@ async def test_a_failing_request_does_not_fail_its_batch_mates(inline_max):
         await bad
     # The merged run of 7 images failed (not recorded); each request then ran alone and only the poison one failed.
     assert rec.batches == [(20, 1)] + [(2, 1)] * 3
-    assert batcher.queued_images == 0 and not batcher.busy
+    assert batcher.queued_images == 0
     batcher.close()
 
 
-async def test_an_exception_on_the_inline_path_reaches_the_caller_and_the_batcher_stays_usable():
+async def test_a_lone_failing_request_reaches_its_caller_and_the_batcher_stays_usable():
     rec = Recorder()
 
     def run(x):
@@ -159,10 +164,10 @@ async def test_an_exception_on_the_inline_path_reaches_the_caller_and_the_batche
             raise ValueError("poison")
         return model(x)
 
-    batcher = Batcher(run, rec, max_batch_size=16, inline_max_images=4)
+    batcher = Batcher(run, rec, max_batch_size=16)
     with pytest.raises(ValueError, match="poison"):
-        await batcher.infer(np.full((2, 2), np.nan))  # idle and small: computed in the caller
-    assert rec.batches == [] and batcher.queued_images == 0 and not batcher.busy
+        await batcher.infer(np.full((2, 2), np.nan))
+    assert rec.batches == [] and batcher.queued_images == 0
     np.testing.assert_array_equal(await probs_of(batcher.infer(np.full((3, 2), 2.0))), np.full((3, 10), 4.0))
     assert rec.batches == [(3, 1)]
     batcher.close()
@@ -175,7 +180,7 @@ async def test_queue_delay_holds_a_partial_batch_and_releases_it_when_it_fills()
     batcher = Batcher(model, rec, max_batch_size=8, max_queue_delay_us=60_000_000)
     first = asyncio.create_task(batcher.infer(np.full((2, 2), 1.0)))
     await asyncio.sleep(0.05)  # without the delay this request would have run by now
-    assert rec.batches == [] and not first.done() and batcher.busy
+    assert rec.batches == [] and not first.done()
     more = [asyncio.create_task(batcher.infer(np.full((2, 2), float(i)))) for i in (2, 3)]
     await asyncio.sleep(0.05)
     assert rec.batches == [] and batcher.queued_images == 6  # 6 of 8: still held
@@ -183,8 +188,8 @@ async def test_queue_delay_holds_a_partial_batch_and_releases_it_when_it_fills()
     # Full: released at once. The guard is far below the 60 s delay, so a broken early release fails here.
     results = await asyncio.wait_for(asyncio.gather(first, *more, last), 20)
     assert rec.batches == [(8, 4)]
-    for i, (probs, _, _) in enumerate(results, start=1):
-        np.testing.assert_array_equal(probs, np.full((2, 10), 2.0 * i))  # row sums: each answer is its own
+    for i, answer in enumerate(results, start=1):
+        np.testing.assert_array_equal(answer.probs, np.full((2, 10), 2.0 * i))  # row sums: each answer is its own
     batcher.close()
 
 
@@ -218,7 +223,8 @@ async def test_a_cancelled_caller_without_deadline_is_skipped():
     batcher.close()
 
 
-async def test_close_with_queued_work_fails_the_waiting_callers_instead_of_leaving_them_hanging():
+async def test_close_answers_what_is_queued_and_refuses_new_requests():
+    """Unloading a version: what it accepted is answered (nothing lost), what comes after is refused."""
     rec = Recorder()
     gate = Gate()
     batcher = Batcher(gate, rec, max_batch_size=4)
@@ -227,11 +233,17 @@ async def test_close_with_queued_work_fails_the_waiting_callers_instead_of_leavi
     queued = [asyncio.create_task(batcher.infer(np.ones((3, 2)))) for _ in range(2)]
     await asyncio.sleep(0.01)
     batcher.close()
+    with pytest.raises(ModelNotReady, match="unloaded"):
+        await batcher.infer(np.ones((1, 2)))
     gate.release.set()
-    results = await asyncio.wait_for(asyncio.gather(running, *queued, return_exceptions=True), 20)
-    assert results[0][0].shape == (4, 10)  # the run already on the thread finishes
-    assert all(isinstance(r, RuntimeError) for r in results[1:]), results[1:]  # no thread to run on any more
-    assert batcher.queued_images == 0 and not batcher.busy
+    results = await asyncio.wait_for(asyncio.gather(running, *queued), 20)
+    assert [r.probs.shape for r in results] == [(4, 10), (3, 10), (3, 10)]
+    assert batcher.queued_images == 0
+    for _ in range(100):  # the execution thread ends once the queue is empty
+        if not any(t.is_alive() for t in batcher._threads):
+            break
+        await asyncio.sleep(0.05)
+    assert not any(t.is_alive() for t in batcher._threads)
 
 
 async def test_drain_waits_for_queued_work():
@@ -241,31 +253,72 @@ async def test_drain_waits_for_queued_work():
     await asyncio.sleep(0)
     await batcher.drain()
     assert all(t.done() and not t.exception() for t in tasks)
-    assert not batcher.busy
+    assert batcher.queued_images == 0
     batcher.close()
 
 
-async def test_idle_small_requests_run_inline_and_busy_ones_queue():
+async def test_inference_never_runs_on_the_event_loop():
+    """Small or large, idle or busy: every run happens on the version's execution threads."""
     rec = Recorder()
-    gate = Gate()
-    calls = []
+    threads = []
 
     def run(x):
-        calls.append(x.shape[0])
-        return gate(x) if x.shape[0] == 32 else model(x)
+        threads.append(threading.get_ident())
+        return model(x)
 
-    batcher = Batcher(run, rec, max_batch_size=64, inline_max_images=4)
-    probs, queued, ran = await batcher.infer(np.ones((2, 3)))  # idle and small: computed in the caller, no worker task
-    assert probs.shape == (2, 10) and not batcher.busy and queued == 0.0 and ran > 0
-    big = asyncio.create_task(batcher.infer(np.ones((32, 3))))  # too big for inline: goes to the thread
-    await asyncio.to_thread(gate.started.wait, 5)
-    small = [asyncio.create_task(batcher.infer(np.ones((1, 3)))) for _ in range(3)]
+    batcher = Batcher(run, rec, max_batch_size=64, instances=2)
+    await batcher.infer(np.ones((1, 2)))  # idle model, batch of one
+    await asyncio.gather(*(batcher.infer(np.ones((n, 2))) for n in (1, 2, 40, 1, 3)))
+    assert threads and set(threads) <= batcher.thread_ids
+    assert threading.get_ident() not in threads
+    batcher.close()
+
+
+async def test_call_runs_on_an_execution_thread_in_queue_order():
+    rec = Recorder()
+    batcher = Batcher(model, rec, max_batch_size=8)
+    ran_on = await asyncio.to_thread(batcher.call, threading.get_ident)
+    assert ran_on in batcher.thread_ids
+    with pytest.raises(ZeroDivisionError):
+        await asyncio.to_thread(batcher.call, lambda: 1 / 0)
+    batcher.close()
+
+
+async def test_an_idle_model_starts_a_request_at_once_and_busy_ones_batch():
+    """No added delay at light load (the run starts before any other request could join); under load, everything
+    queued while a run is in progress goes in the next run."""
+    rec = Recorder()
+    gate = Gate()
+    batcher = Batcher(gate, rec, max_batch_size=64)
+    first = asyncio.create_task(batcher.infer(np.ones((1, 3))))
+    await asyncio.to_thread(gate.started.wait, 5)  # started with nothing else queued
+    burst = [asyncio.create_task(batcher.infer(np.full((1, 3), float(i)))) for i in range(6)]
     await asyncio.sleep(0.01)
-    assert not any(t.done() for t in small)  # the model is busy: they wait and merge
+    assert not any(t.done() for t in burst)
     gate.release.set()
-    await big
-    await asyncio.gather(*small)
-    assert calls == [2, 32, 3]
+    answers = await asyncio.gather(first, *burst)
+    assert rec.batches == [(1, 1), (6, 6)]
+    for i, answer in enumerate(answers[1:]):
+        np.testing.assert_array_equal(answer.probs, np.full((1, 10), 3.0 * i))
+        assert answer.classes.shape == (1,)
+    batcher.close()
+
+
+async def test_two_instances_run_two_batches_at_once():
+    rec = Recorder()
+    both = threading.Barrier(2, timeout=5)
+
+    def run(x):
+        both.wait()  # each of the two runs waits for the other: they only finish if they run concurrently
+        return model(x)
+
+    batcher = Batcher(run, rec, max_batch_size=4, instances=2)
+    a, b = await asyncio.wait_for(
+        asyncio.gather(batcher.infer(np.ones((4, 2))), batcher.infer(np.full((4, 2), 2.0))), 10
+    )
+    np.testing.assert_array_equal(a.probs, np.full((4, 10), 2.0))
+    np.testing.assert_array_equal(b.probs, np.full((4, 10), 4.0))
+    assert rec.batches == [(4, 1), (4, 1)]
     batcher.close()
 
 
@@ -285,7 +338,7 @@ async def test_uint8_and_fp32_requests_never_share_a_run():
     rest = [asyncio.create_task(batcher.infer(np.full((i + 1, 4), i + 1, k))) for i, k in enumerate(kinds)]
     await asyncio.sleep(0.01)
     gate.release.set()
-    results = [r[0] for r in await asyncio.gather(first, *rest)]
+    results = [r.probs for r in await asyncio.gather(first, *rest)]
     # FIFO order kept: fp32 x2 together, then the uint8 pair, then the last fp32 alone.
     assert rec.batches == [(1, 1), (3, 2), (7, 2), (5, 1)]
     assert [d.pop().name for d in dtypes] == ["float32", "float32", "uint8", "float32"]
@@ -303,7 +356,8 @@ async def test_each_request_learns_its_queue_wait_and_its_run_time():
     waiting = [asyncio.create_task(batcher.infer(np.ones((2, 4)))) for _ in range(2)]
     await asyncio.sleep(0.05)
     gate.release.set()
-    (_, q0, r0), (_, q1, r1), (_, q2, r2) = await asyncio.gather(first, *waiting)
+    a0, a1, a2 = await asyncio.gather(first, *waiting)
+    (q0, r0), (q1, r1), (q2, r2) = ((a.queue_s, a.run_s) for a in (a0, a1, a2))
     assert rec.batches == [(1, 1), (4, 2)]
     (run0, _, _), (run1, joined, split) = rec.runs
     assert q0 < 0.05 <= q1 and q2 <= q1  # the two queued behind the gated run waited for it
@@ -312,15 +366,20 @@ async def test_each_request_learns_its_queue_wait_and_its_run_time():
     batcher.close()
 
 
-@pytest.mark.parametrize("merge_idle_us", [0, 10_000_000])
-async def test_requests_of_one_event_loop_turn_merge_and_an_idle_model_runs_at_once(merge_idle_us):
+async def test_only_client_answers_reach_the_drift_signals():
     rec = Recorder()
-    batcher = Batcher(model, rec, max_batch_size=64, inline_max_images=8, merge_idle_us=merge_idle_us)
-    first, queued, _ = await batcher.infer(np.ones((1, 2)))
-    assert rec.batches == [(1, 1)] and queued == 0.0  # idle model: ran at once, in the caller
-    burst = [r[0] for r in await asyncio.gather(*(batcher.infer(np.full((1, 2), float(i))) for i in range(5)))]
-    # A burst arriving together right after a run goes as one run; merge_idle_us=0 runs each at once.
-    assert rec.batches[1:] == ([(5, 5)] if merge_idle_us else [(1, 1)] * 5)
-    for i, probs in enumerate(burst):
-        np.testing.assert_array_equal(probs, np.full((1, 10), 2.0 * i))
+    gate = Gate()
+    batcher = Batcher(gate, rec, max_batch_size=64)
+    first = asyncio.create_task(batcher.infer(np.full((1, 1), 1.0)))
+    await asyncio.to_thread(gate.started.wait, 5)
+    mixed = [
+        asyncio.create_task(batcher.infer(np.full((n, 1), float(n)), client=n != 3)) for n in (2, 3, 4)
+    ]  # one run: two client requests around a canary's
+    await asyncio.sleep(0.01)
+    gate.release.set()
+    await asyncio.gather(first, *mixed)
+    assert rec.batches == [(1, 1), (9, 3)]
+    assert [a.tolist() for a in rec.answered] == [[1.0], [2.0, 2.0, 4.0, 4.0, 4.0, 4.0]]
+    await batcher.infer(np.full((2, 1), 5.0), client=False)
+    assert len(rec.answered) == 2  # a run of canary images only: no drift signal at all
     batcher.close()

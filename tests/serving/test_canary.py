@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import shutil
+import threading
 import time
 
 import numpy as np
@@ -153,8 +154,7 @@ async def _loaded(trained_repository, mnist_data, tmp_path, model: str, versions
     for v in versions:
         shutil.copytree(trained_repository / "mnist" / "1", tmp_path / model / str(v))
     settings = Settings(
-        model_repository=tmp_path, data_dir=ROOT / "data", max_batch_size=BATCH, canary_images=BATCH,
-        inline_max_images=0, **overrides,
+        model_repository=tmp_path, data_dir=ROOT / "data", max_batch_size=BATCH, canary_images=BATCH, **overrides,
     )  # fmt: skip
     repository = ModelRepository(settings)
     await repository.load_all()
@@ -178,15 +178,19 @@ async def test_canary_errors_are_counted_and_the_next_good_run_recovers(
     assert _sample(f"{RUNS}", **labels, result="ok") == 1 and _sample(CANARY, **labels) == expected
 
     images = canary.golden.images
+    busy, running = threading.Event(), threading.Event()
+    hold = asyncio.create_task(asyncio.to_thread(mv.batcher.call, lambda: running.set() or busy.wait(30)))
+    await asyncio.to_thread(running.wait, 10)  # the execution thread is busy: what comes now waits
     clients = [asyncio.create_task(mv.batcher.infer(images)) for _ in range(2)]  # two batches: the queue is full
-    await asyncio.sleep(0)  # both are queued; the batcher's worker has not taken anything yet
+    await asyncio.sleep(0.05)
     assert mv.batcher.queued_images == 2 * BATCH
     with caplog.at_level(logging.WARNING, logger="serving.canary"):
         assert await canary.run_once() == {}
     assert _sample(RUNS, **labels, result="error") == 1 and _sample(RUNS, **labels, result="ok") == 1
     assert _sample(CANARY, **labels) == expected  # the last known score stays
     assert "canary run on canary-err/1 failed: queue full" in caplog.text
-    await asyncio.gather(*clients)
+    busy.set()
+    await asyncio.gather(hold, *clients)
 
     assert await canary.run_once() == {("canary-err", "1"): expected}  # load gone: scored again
     assert _sample(RUNS, **labels, result="ok") == 2 and _sample(RUNS, **labels, result="error") == 1
@@ -220,7 +224,7 @@ async def test_a_version_unloaded_mid_canary_does_not_get_its_series_back(traine
     v1 = repository.models["canary-gone"][1]
     gone, kept = {"model": "canary-gone", "version": "1"}, {"model": "canary-gone", "version": "2"}
     run = asyncio.create_task(canary.run_once())
-    while not v1.batcher.busy:  # the canary's batch for version 1 is with the batcher
+    while not v1.batcher.unanswered_images:  # the canary's batch for version 1 is with the batcher
         await asyncio.sleep(0)
     shutil.rmtree(tmp_path / "canary-gone" / "1")
     await repository.rescan()  # unloads version 1: drains that batch, drops the version's series

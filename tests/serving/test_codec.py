@@ -83,7 +83,11 @@ def test_response_encoding_follows_requested_order():
     probs = np.eye(10, dtype=np.float32)[[3, 9]]
     req = request(2, raw=bytes(2 * 784))
     req.id = "abc"
-    response = codec.encode_infer_response(req, "4", probs, (codec.PREDICTED_CLASS, codec.PROBABILITIES))
+    encoded = codec.encode_infer_response(req, "4", probs, (codec.PREDICTED_CLASS, codec.PROBABILITIES), "r3c")
+    response = pb.ModelInferResponse.FromString(encoded)
+    assert response.parameters[codec.RECEIPT].string_param == "r3c"
+    assert [list(o.shape) for o in response.outputs] == [[2, 1], [2, 10]]
+    assert [o.datatype for o in response.outputs] == ["INT64", "FP32"]
     assert (response.id, response.model_name, response.model_version) == ("abc", "mnist", "4")
     assert [o.name for o in response.outputs] == [codec.PREDICTED_CLASS, codec.PROBABILITIES]
     np.testing.assert_array_equal(np.frombuffer(response.raw_output_contents[0], "<i8"), [3, 9])

@@ -34,7 +34,7 @@ def _bad_requests(x: np.ndarray) -> list[pb.ModelInferRequest]:
 
 
 def test_counters_and_histograms_move_by_exactly_what_was_sent(server, mnist_data):
-    sizes = (1, 3, 8, 16, 5)  # 16 goes through the batch queue and a thread, the others run inline
+    sizes = (1, 3, 8, 16, 5)
     x = mnist_data.x_test
     channel, infer, _ = stubs(server.url)
     with channel:

@@ -27,24 +27,27 @@ def _on_cores(cores: int, fn):
 
 
 @pytest.mark.parametrize(
-    ("cores", "workers", "explicit", "threads"),
+    ("cores", "workers", "instances", "explicit", "threads"),
     [
-        (1, 1, 0, 0),  # one worker: onnxruntime sizes its own pool
-        (2, 1, 0, 0),
-        (1, 2, 0, 1),  # never 0 (= all cores) per worker
-        (2, 2, 0, 1),
-        (2, 3, 0, 1),
-        (2, 2, 3, 3),  # an explicit value wins
-        (4, 2, 0, 2),
-        (4, 3, 0, 1),
-        (4, 4, 0, 1),
+        (1, 1, 1, 0, 1),  # one core: shared with the event loop, never 0 (= all cores)
+        (2, 1, 1, 0, 1),  # one core for the event loop, one for onnxruntime
+        (2, 2, 1, 0, 1),
+        (2, 1, 2, 0, 1),
+        (2, 2, 1, 3, 3),  # an explicit value wins
+        (4, 1, 1, 0, 3),
+        (4, 2, 1, 0, 1),
+        (4, 1, 3, 0, 1),
+        (8, 2, 1, 0, 3),
+        (8, 1, 2, 0, 3),
     ],
 )
-def test_intra_op_threads_split_the_cores_between_workers(cores, workers, explicit, threads, trained_repository):
-    """The cores are shared out between workers: the onnxruntime session really gets that many threads."""
+def test_intra_op_threads_share_the_cores_left_by_the_event_loops(
+    cores, workers, instances, explicit, threads, trained_repository
+):
+    """Each worker's event loop keeps a core; execution threads share the rest: the session really gets that many."""
     if len(os.sched_getaffinity(0)) < cores:
         pytest.skip(f"needs {cores} CPUs")
-    settings = Settings(workers=workers, intra_op_threads=explicit, device="cpu")
+    settings = Settings(workers=workers, instance_count=instances, intra_op_threads=explicit, device="cpu")
     assert _on_cores(cores, lambda: intra_op_threads(settings)) == threads
     model = _on_cores(cores, lambda: OnnxModel(trained_repository / "mnist" / "1" / "model.onnx", settings))
     assert model.session.get_session_options().intra_op_num_threads == threads

@@ -135,3 +135,39 @@ def test_the_server_refuses_bytes_that_are_not_a_request(server):
                 call(data, timeout=10)
             assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
             assert "not a ModelInferRequest" in err.value.details()
+
+
+# ---------------------------------------------------------------- responses written by hand
+
+_text = st.text(max_size=40)
+_outputs = st.lists(
+    st.tuples(_text, st.sampled_from(["FP32", "INT64"]), st.lists(st.integers(0, 1 << 40), max_size=3)),
+    max_size=3,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    model=_text, version=_text, request_id=_text, outputs=_outputs,
+    params=st.dictionaries(_text, _text, max_size=3), data=st.data(),
+)  # fmt: skip
+def test_a_hand_written_response_is_the_message_protobuf_would_send(model, version, request_id, outputs, params, data):
+    """Parsed back, the bytes of wire.infer_response are the ModelInferResponse built with protobuf, field by field."""
+    raw = [data.draw(st.binary(max_size=64)) for _ in outputs]
+    tensors = tuple((name, dtype, tuple(shape)) for name, dtype, shape in outputs)
+    encoded = wire.infer_response(model, version, request_id, tensors, raw, params)
+    expected = pb.ModelInferResponse(
+        model_name=model, model_version=version, id=request_id, raw_output_contents=raw,
+        outputs=[pb.ModelInferResponse.InferOutputTensor(name=n, datatype=d, shape=s) for n, d, s in outputs],
+    )  # fmt: skip
+    for key, value in params.items():
+        expected.parameters[key].string_param = value
+    assert pb.ModelInferResponse.FromString(encoded) == expected
+    stream = pb.ModelStreamInferResponse.FromString(wire.stream_response(encoded))
+    assert stream.infer_response == expected and not stream.error_message
+
+
+def test_serialize_passes_bytes_and_serializes_messages():
+    message = pb.ModelStreamInferResponse(error_message="INVALID_ARGUMENT: no")
+    assert wire.serialize(b"\x0a\x01x") == b"\x0a\x01x"
+    assert wire.serialize(message) == message.SerializeToString()
