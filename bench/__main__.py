@@ -113,6 +113,7 @@ def run_steps(
         for _ in range(retries + 1):
             if not server.alive():
                 raise RuntimeError(f"{server.name} died:\n{server.log_tail()}")
+            log.info("step %s %s", server.name, step.label())
             sampler = WindowSampler(server, metrics_url)
             r = gen.run(step, on_window=sampler.arm)
             r.update(sampler.result(r["client_cpu_pct"]))
@@ -220,6 +221,7 @@ def main(argv: list[str] | None = None) -> int:
             return []
         results = []
         for step in steps:
+            log.info("perf_analyzer %s %s", server.name, step.label())
             r = pa.run(server.target, step, pa_data, window_ms=args.pa_window_ms, stability_pct=100, max_trials=6)
             if r["rc"] != 0 and "stable measurement" in r.get("error", ""):
                 # Other work on the machine moved the figures by more than 2x between windows: measure again
@@ -310,6 +312,7 @@ def main(argv: list[str] | None = None) -> int:
             for d in ("FP32", "UINT8"):
                 attempts = []
                 for _ in range(args.retries + 1):
+                    log.info("in-process step batch %d %s", b, d)
                     attempts.append(
                         inprocess.measure(model, images, labels, b, d, duration=min(args.duration, 2.0), warmup=0.2)
                     )
@@ -332,6 +335,7 @@ def main(argv: list[str] | None = None) -> int:
     (args.results_dir / f"{stamp}.json").write_text(text)
     (args.results_dir / "latest.json").write_text(text)
     if not args.no_plot:
+        log.info("writing the plot")
         plot(report, args.results_dir / f"{stamp}.png")
         (args.results_dir / "latest.png").write_bytes((args.results_dir / f"{stamp}.png").read_bytes())
     print(f"\nresults: {args.results_dir / (stamp + '.json')} (and latest.json, latest.png)")

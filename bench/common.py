@@ -60,11 +60,20 @@ def check_target(target: str, allow_remote: bool = False) -> str:
     return target
 
 
+_HANDED_OUT: set[int] = set()
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    """A port that was free a moment ago (the child binds it right after)."""
-    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
-        sock.bind((host, 0))
-        return sock.getsockname()[1]
+    """A port that was free a moment ago (the child binds it right after), never one this process handed out
+    before: the kernel may give the same ephemeral port to two binds in a row, e.g. a server's gRPC and metrics
+    ports (seen: a server refused to start, its metrics endpoint holding the port gRPC was told to bind)."""
+    while True:
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
+            sock.bind((host, 0))
+            port = sock.getsockname()[1]
+        if port not in _HANDED_OUT:
+            _HANDED_OUT.add(port)
+            return port
 
 
 # ---------------------------------------------------------------- child processes
@@ -291,13 +300,29 @@ def stop_all_children() -> None:
         child.stop(grace=2.0)
 
 
+def signal_all_children(sig: int = signal.SIGTERM) -> None:
+    """Send `sig` to every live child server's process group at once, without waiting."""
+    for child in list(_LIVE):
+        if child.proc is not None and child.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(child.proc.pid, sig)
+
+
 def install_sigterm_exit() -> None:
-    """Turn SIGTERM into SystemExit so finally blocks and atexit stop the child servers."""
+    """SIGTERM becomes SystemExit and SIGINT (Ctrl-C) KeyboardInterrupt, so finally blocks and atexit stop the
+    child servers; both first tell every child server to stop, all at once, so that the stops run in parallel
+    instead of one grace period after another."""
 
     def _exit(signum, _frame):
+        signal_all_children(signal.SIGTERM)
         raise SystemExit(128 + signum)
 
+    def _interrupt(signum, _frame):
+        signal_all_children(signal.SIGTERM)
+        raise KeyboardInterrupt
+
     signal.signal(signal.SIGTERM, _exit)
+    signal.signal(signal.SIGINT, _interrupt)
 
 
 def python_cmd(*args: str) -> list[str]:

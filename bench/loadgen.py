@@ -446,16 +446,18 @@ class LoadGenerator:
                 self._procs.append((proc, parent))
         return self
 
-    def close(self) -> None:
+    def close(self, wait: float = 5.0) -> None:
+        """End the client processes: each finishes what it is doing within `wait` seconds, or is killed."""
         for _proc, conn in self._procs:
             try:
                 conn.send(None)
             except (BrokenPipeError, OSError):
                 pass
         for proc, _ in self._procs:
-            proc.join(5)
+            proc.join(wait)
             if proc.is_alive():
                 proc.kill()
+                proc.join(1)
         self._procs = []
         if self._tmp is not None:
             self._tmp.cleanup()
@@ -464,8 +466,8 @@ class LoadGenerator:
     def __enter__(self) -> LoadGenerator:
         return self.start()
 
-    def __exit__(self, *exc) -> None:
-        self.close()
+    def __exit__(self, exc_type, *_) -> None:
+        self.close(wait=5.0 if exc_type is None else 0.0)  # interrupted mid-step: no waiting for the step
 
     def retarget(self, target: str, allow_remote: bool = False) -> None:
         self.target = check_target(target, allow_remote)

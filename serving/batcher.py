@@ -37,11 +37,12 @@ class BatchObserver(Protocol):
 
     `on_batch`: images and requests in one run, its duration, and the time spent joining the requests' inputs
     (`input_s`) and handing each its slice (`output_s`). `on_answers`: the answers of one run that went to clients
-    (`probs` and `classes`, its argmax; not those of requests made with `client=False`, e.g. the canary's)."""
+    (`probs` and `classes`, its argmax; not those of requests made with `client=False`, e.g. the canary's), each
+    client request's time in the queue (`waits`) and the run's duration."""
 
     def on_batch(self, images: int, requests: int, seconds: float, input_s: float, output_s: float) -> None: ...
 
-    def on_answers(self, probs: np.ndarray, classes: np.ndarray) -> None: ...
+    def on_answers(self, probs: np.ndarray, classes: np.ndarray, waits: list[float], seconds: float) -> None: ...
 
     def on_shed(self, reason: str, count: int = 1) -> None: ...
 
@@ -103,8 +104,8 @@ class Batcher:
         self._submitted = 0
         self._taken = 0
         self._finished = 0
-        self._loop: asyncio.AbstractEventLoop | None = None
         self._closed = False
+        self._room = asyncio.Event()  # set whenever a run ends: the queue may have room again
         self._threads = [
             threading.Thread(target=self._serve, name=f"ort-{name}-{i}", daemon=True) for i in range(instances)
         ]
@@ -131,26 +132,26 @@ class Batcher:
         self._queue.put(_Call(fn, future))
         return future.result()
 
-    async def infer(self, images: np.ndarray, deadline: float | None = None, client: bool = True) -> Answer:
+    async def infer(
+        self, images: np.ndarray, deadline: float | None = None, client: bool = True, wait: bool = False
+    ) -> Answer:
         """`images`' answer, computed in whichever batch they land in (`client`: a client's request, whose answer
-        the drift signals count)."""
+        the drift signals count). A full queue refuses the request (Overloaded), or with `wait` (streams, which
+        are slowed rather than refused) holds it until there is room."""
         if self._closed:
             raise ModelNotReady("this model version is being unloaded; retry")
         n = images.shape[0]
-        queued = self._submitted - self._taken
-        if queued + n > self._max_queued:
-            self._observer.on_shed("queue_full")
-            raise Overloaded(f"queue full ({queued} images waiting, limit {self._max_queued}); retry later")
-        # NOTE: the loop is looked up once: asyncio.get_running_loop() makes a getpid() system call on 3.11.
-        loop = self._loop or self._set_loop()
-        future = loop.create_future()
+        while self._submitted - self._taken + n > self._max_queued:
+            queued = self._submitted - self._taken
+            if not wait or n > self._max_queued or self._closed:
+                self._observer.on_shed("queue_full")
+                raise Overloaded(f"queue full ({queued} images waiting, limit {self._max_queued}); retry later")
+            self._room.clear()
+            await self._room.wait()  # set after each run
+        future = asyncio.get_running_loop().create_future()
         self._submitted += n
         self._queue.put(_Pending(images, future, deadline, client))
         return await future
-
-    def _set_loop(self) -> asyncio.AbstractEventLoop:
-        self._loop = asyncio.get_running_loop()
-        return self._loop
 
     async def drain(self) -> None:
         """Wait until everything queued has been answered."""
@@ -162,6 +163,7 @@ class Batcher:
         if not self._closed:
             self._closed = True
             self._queue.put(_STOP)
+            self._room.set()  # waiting requests are refused now
 
     # ------------------------------------------------------------------ execution threads
 
@@ -241,7 +243,7 @@ class Batcher:
     def _finish(self, batch: list[_Pending], live: list[_Pending], result, start: float, joined: float, ran: float):
         """Answer every request of a run (its slice, its failure, or a deadline for the expired)."""
         self._finished += sum(p.images.shape[0] for p in batch)
-        self._observer.on_queue_depth(self._submitted - self._taken)
+        self._room.set()
         if len(live) != len(batch):
             kept = {id(p) for p in live}
             now = time.monotonic()
@@ -252,7 +254,8 @@ class Batcher:
                 if not p.future.done():
                     p.future.set_exception(DeadlineExceeded("deadline passed while the request was queued"))
             if expired:
-                self._observer.on_shed("deadline", len(expired))
+                self._observe(self._observer.on_shed, "deadline", len(expired))
+        self._observe(self._observer.on_queue_depth, self._submitted - self._taken)
         if result is None:
             return
         if isinstance(result, list):  # failed batch, rerun one by one
@@ -280,12 +283,23 @@ class Batcher:
                     end = offset + n
                     p.future.set_result(Answer(probs[offset:end], classes[offset:end], start - p.enqueued, seconds))
                 offset += n
-        self._observer.on_batch(probs.shape[0], len(live), seconds, joined - start, time.perf_counter() - now)
-        if all(p.client for p in live):
-            self._observer.on_answers(probs, classes)
-        elif any(p.client for p in live):
-            rows = np.concatenate([np.full(p.images.shape[0], p.client) for p in live])
-            self._observer.on_answers(probs[rows], classes[rows])
+        try:  # NOTE: after the answers: a failing observer must not leave callers waiting forever
+            self._observer.on_batch(probs.shape[0], len(live), seconds, joined - start, time.perf_counter() - now)
+            waits = [start - p.enqueued for p in live if p.client]
+            if len(waits) == len(live):
+                self._observer.on_answers(probs, classes, waits, seconds)
+            elif waits:
+                rows = np.concatenate([np.full(p.images.shape[0], p.client) for p in live])
+                self._observer.on_answers(probs[rows], classes[rows], waits, seconds)
+        except Exception:
+            log.exception("recording a run's statistics failed; its answers were sent")
+
+    @staticmethod
+    def _observe(method, *args) -> None:
+        try:
+            method(*args)
+        except Exception:
+            log.exception("recording a run's statistics failed; its answers were sent")
 
 
 def _call(item: _Call) -> None:

@@ -85,11 +85,15 @@ PREDICTIONS = Counter(f"{PREFIX}_predictions", "Predicted classes (drift signal,
 CONFIDENCE = Histogram(f"{PREFIX}_confidence", "Top-class probability of each answer.", MV, buckets=CONFIDENCE_BUCKETS)
 
 
-def observe_many(histogram, values: np.ndarray) -> None:
+def observe_many(histogram, values) -> None:
     """`histogram.observe(v)` for every v in `values`, at the cost of one (a batch's confidences, not a loop).
 
     prometheus_client has no bulk observe: this adds the values' bucket counts and sum to the child's own
     counters (what observe() does one value at a time)."""
+    if len(values) < 8:  # numpy's set-up costs more than a few observe() calls
+        for v in values:
+            histogram.observe(float(v))
+        return
     values = np.asarray(values, dtype=np.float64)  # what observe(float(v)) compares and adds
     bounds = histogram._upper_bounds
     counts = np.bincount(np.searchsorted(bounds, values, side="left"), minlength=len(bounds))

@@ -28,6 +28,7 @@ class Duration:
     ns: int = 0
 
     def add(self, seconds: float, count: int = 1) -> None:
+        """`count` more, lasting `seconds` in all."""
         self.count += count
         self.ns += int(seconds * 1e9)
 
@@ -123,9 +124,16 @@ class ModelVersion:
         batch.compute_infer.add(seconds)
         batch.compute_output.add(output_s)
 
-    def on_answers(self, probs: np.ndarray, classes: np.ndarray) -> None:
-        """Drift signals for the client answers of one run, all at once."""
-        if classes.size == 1:
+    def on_answers(self, probs: np.ndarray, classes: np.ndarray, waits: list[float], seconds: float) -> None:
+        """The client answers of one run, all at once: images, queue times and drift signals (the rest of each
+        request's figures when it is answered: record_success)."""
+        images = classes.size
+        self._images.inc(images)
+        if len(waits) == 1:
+            self._queue_duration.observe(waits[0])
+        else:
+            metrics.observe_many(self._queue_duration, waits)
+        if images == 1:
             c = int(classes[0])
             self._predicted[c].inc()
             self._confidence.observe(float(probs[0, c]))
@@ -141,14 +149,12 @@ class ModelVersion:
     def on_queue_depth(self, images: int) -> None:
         self._queue_images.set(images)
 
-    def record_success(
-        self, seconds: float, images: int, queue_s: float, input_s: float, infer_s: float, output_s: float
-    ) -> None:
-        """One answered request: metrics and statistics, in one place."""
+    def record_success(self, seconds: float, images: int, queue_s: float, input_s: float, infer_s: float,
+                       output_s: float) -> None:  # fmt: skip
+        """One answered request: its latency and the Triton statistics (updated together: perf_analyzer refuses
+        statistics whose counts differ, and reads them while requests are in flight)."""
         self._request_duration.observe(seconds)
-        self._queue_duration.observe(queue_s)
         self._ok.inc()
-        self._images.inc(images)
         s = self.stats
         s.success.add(seconds)
         s.queue.add(queue_s)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
+import gc
 import logging
 import os
 import signal
@@ -105,6 +106,9 @@ class InferenceServer:
         log.info("gRPC listening on %s:%d (%s)", s.host, self.port, "TLS" if s.tls_cert else "plaintext")
 
         await self.repository.load_all()
+        # The models, modules and protobuf descriptors loaded by now live as long as the process: the garbage
+        # collector stops scanning them on every collection the request path triggers.
+        gc.freeze()
         providers = {mv.provider for mv in self.repository.versions()}
         metrics.GPU_REQUIRED.set(1 if s.require_gpu else 0)
         if s.require_gpu and providers != {CUDA}:

@@ -160,8 +160,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 grpc.StatusCode.UNAVAILABLE, "server is shutting down; reopen the stream on another replica"
             )
 
-    async def infer(self, received: wire.InferRequest, deadline: float | None) -> bytes:
-        """One inference, unary or streamed: decode, batch, encode; metrics and statistics for both."""
+    async def infer(self, received: wire.InferRequest, deadline: float | None, stream: bool = False) -> bytes:
+        """One inference, unary or streamed: decode, batch, encode; metrics and statistics for both. A streamed
+        request waits for room in a full queue (the stream stops reading meanwhile) instead of being refused."""
         start = time.perf_counter()
         request = received.message
         IN_FLIGHT.inc()
@@ -180,7 +181,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             size = received.nbytes
             decoded = codec.decode_infer_request(request, self.settings.max_batch_size, received.raw)
             decoded_at = time.perf_counter()
-            answer = await mv.batcher.infer(decoded.images, deadline)
+            answer = await mv.batcher.infer(decoded.images, deadline, wait=stream)
             answered_at = time.perf_counter()
             if decoded.labels is not None:
                 mv.score(answer.classes == decoded.labels)
@@ -263,7 +264,7 @@ class InferStream:
     async def _answer(self, received: wire.InferRequest) -> None:
         request = received.message
         try:
-            response = wire.stream_response(await self.servicer.infer(received, self.deadline))
+            response = wire.stream_response(await self.servicer.infer(received, self.deadline, stream=True))
         except asyncio.CancelledError:
             raise
         except Exception as exc:

@@ -50,5 +50,8 @@ def test_perf_analyzer_runs_and_server_counts_match(server, data, step):
     # Client and server count the same windows, give or take the requests in flight at the two edges.
     assert abs(r["server_requests"] - r["client_requests"]) <= step.count_tolerance()
     assert r["server_inferences"] == step.batch * r["server_requests"]
-    assert r["server_executions"] <= r["server_requests"]
+    # Batches: never more runs than requests, but a run is counted when it is answered and its requests a moment
+    # later, when their responses are ready; at the window's edges up to `concurrency` runs can be counted without
+    # their requests (seen: 1470 runs for 1469 requests).
+    assert r["server_executions"] <= r["server_requests"] + step.concurrency
     assert after - before >= r["client_requests"]  # every request it counted was answered by this server

@@ -282,6 +282,5 @@ def test_server_answers_correctly_beside_the_fuzzing(fuzz_server, stub, referenc
     """Correct answers, never INTERNAL/UNKNOWN, nothing logged as a crash: after whichever fuzzing ran before."""
     reply = stub.ModelInfer(infer_request(reference.images[:32], "mnist"), timeout=30)
     assert reference.check(0, 32, probabilities(reply))
-    _assert_never_internal(fuzz_server)
-    assert set(CODES) <= EXPECTED, CODES
+    _assert_never_internal(fuzz_server)  # each fuzzed request's code was checked where it was sent (_send)
     report("fuzz", {"requests": sum(CODES.values()), "codes": dict(CODES)})

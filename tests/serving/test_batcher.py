@@ -26,7 +26,8 @@ class Recorder:
         self.batches.append((images, requests))
         self.runs.append((seconds, input_s, output_s))
 
-    def on_answers(self, probs, classes):
+    def on_answers(self, probs, classes, waits, seconds):
+        assert len(waits) <= probs.shape[0] and seconds >= 0
         assert threading.current_thread() is threading.main_thread()
         np.testing.assert_array_equal(classes, probs.argmax(axis=1))
         self.answered.append(probs[:, 0])
@@ -382,4 +383,36 @@ async def test_only_client_answers_reach_the_drift_signals():
     assert [a.tolist() for a in rec.answered] == [[1.0], [2.0, 2.0, 4.0, 4.0, 4.0, 4.0]]
     await batcher.infer(np.full((2, 1), 5.0), client=False)
     assert len(rec.answered) == 2  # a run of canary images only: no drift signal at all
+    batcher.close()
+
+
+async def test_a_failing_observer_does_not_keep_answers_from_their_callers(caplog):
+    class Broken(Recorder):
+        def on_answers(self, probs, classes, waits, seconds):
+            raise RuntimeError("metrics broke")
+
+    batcher = Batcher(model, Broken(), max_batch_size=8)
+    answer = await asyncio.wait_for(batcher.infer(np.ones((2, 2))), 10)
+    np.testing.assert_array_equal(answer.probs, np.full((2, 10), 2.0))
+    assert "recording a run's statistics failed" in caplog.text
+    batcher.close()
+
+
+async def test_a_request_that_may_wait_waits_for_room_instead_of_being_refused():
+    """Streams are slowed, not refused: with `wait` a request finding the queue full is queued once a run ends."""
+    rec = Recorder()
+    gate = Gate()
+    batcher = Batcher(gate, rec, max_batch_size=4, max_queue_images=6)
+    running = asyncio.create_task(batcher.infer(np.ones((4, 2))))
+    await asyncio.to_thread(gate.started.wait, 5)
+    queued = [asyncio.create_task(batcher.infer(np.ones((3, 2)))) for _ in range(2)]
+    await asyncio.sleep(0.01)
+    waiting = asyncio.create_task(batcher.infer(np.full((2, 2), 5.0), wait=True))
+    await asyncio.sleep(0.05)
+    assert not waiting.done() and rec.shed == []  # held, not refused
+    with pytest.raises(Overloaded):
+        await batcher.infer(np.ones((7, 2)), wait=True)  # could never fit: refused at once
+    gate.release.set()
+    await asyncio.gather(running, *queued)
+    np.testing.assert_array_equal((await asyncio.wait_for(waiting, 10)).probs, np.full((2, 10), 10.0))
     batcher.close()

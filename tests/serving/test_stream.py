@@ -14,6 +14,7 @@ import tritonclient.grpc as tc
 from metrics_helpers import scrape
 from server_process import start_server
 
+from serving import wire
 from serving.admission import Admission
 from serving.client import infer_request, probabilities
 from serving.config import Settings
@@ -155,12 +156,13 @@ class GatedServicer:
         self.gate = asyncio.Event()
         self.active = self.peak = 0
 
-    async def infer(self, request, deadline):
+    async def infer(self, request, deadline, stream=False):
+        assert stream  # a streamed request may wait for room in the queue
         self.active += 1
         self.peak = max(self.peak, self.active)
         try:
             await self.gate.wait()
-            return pb.ModelInferResponse(id=request.message.id)
+            return pb.ModelInferResponse(id=request.message.id).SerializeToString()
         finally:
             self.active -= 1
 
@@ -217,7 +219,9 @@ async def test_drain_answers_accepted_requests_and_ends_the_stream():
 
 
 async def _collect(stream: InferStream) -> list[str]:
-    return [r.infer_response.id async for r in stream.responses()]
+    return [
+        pb.ModelStreamInferResponse.FromString(wire.serialize(r)).infer_response.id async for r in stream.responses()
+    ]
 
 
 async def test_drain_after_the_client_closed_its_side_ends_the_stream_ok():
