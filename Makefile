@@ -16,7 +16,7 @@ DEVICE ?= auto
 DEVICE_FILE := $(VENV)/.device
 REQS := deploy/docker/requirements.py
 
-.PHONY: FORCE help venv data train model run serve client evaluate tensorboard test test-fast lint protos \
+.PHONY: FORCE help venv data train model run serve client evaluate tensorboard test check lint protos \
         bench gpu-check k8s-check metrics-demo soak prometheus-bin perf-analyzer peers clean
 
 FORCE:
@@ -110,6 +110,10 @@ test: $(DATA) prometheus-bin perf-analyzer ## lint, unit, integration and end-to
 	$(MAKE) lint
 	$(MAKE) k8s-check
 	$(PY) -m pytest -ra $(ARGS)
+
+check: $(DATA) ## the inner loop (< 1 min): lint and the tests that start no server process (make test runs all)
+	$(MAKE) lint
+	TESTS_NO_SERVER_PROCESSES=1 $(PY) -m pytest -q -m "not slow" $(ARGS)
 
 clean: ## remove caches (keeps data and models)
 	rm -rf .pytest_cache .ruff_cache .hypothesis

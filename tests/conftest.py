@@ -16,6 +16,20 @@ for _name in [n for n in os.environ if n.startswith("SERVING_") or n == "PROMETH
     del os.environ[_name]
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+# `make check` (the inner loop, < 60 s): no test that starts a server process. Tests marked slow are deselected
+# there; any other test that reaches the one launcher is skipped at that point.
+NO_SERVER_PROCESSES = os.environ.get("TESTS_NO_SERVER_PROCESSES") == "1"
+
+
+@pytest.fixture(autouse=True)
+def _no_server_processes_in_make_check(monkeypatch):
+    if NO_SERVER_PROCESSES:
+        from bench.common import ChildServer
+
+        def refuse(self):
+            pytest.skip("starts a server process: run by make test, not make check")
+
+        monkeypatch.setattr(ChildServer, "start", refuse)
 
 
 # ---------------------------------------------------------------- training fixtures
