@@ -125,7 +125,12 @@ _STRING_PARAM = 3
 _STREAM_INFER_RESPONSE = 2  # ModelStreamInferResponse.infer_response
 
 
+_ONE_BYTE = [bytes((v,)) for v in range(0x80)]  # varints below 128: most lengths and every tag here
+
+
 def _varint_bytes(value: int) -> bytes:
+    if value < 0x80:
+        return _ONE_BYTE[value]
     out = bytearray()
     while value > 0x7F:
         out.append(value & 0x7F | 0x80)
@@ -136,7 +141,12 @@ def _varint_bytes(value: int) -> bytes:
 
 def _field(number: int, payload: bytes) -> bytes:
     """A length-delimited field (string, bytes, message, packed repeated)."""
-    return _varint_bytes(number << 3 | _LENGTH_DELIMITED) + _varint_bytes(len(payload)) + payload
+    return _ONE_BYTE[number << 3 | _LENGTH_DELIMITED] + _varint_bytes(len(payload)) + payload
+
+
+@functools.lru_cache(maxsize=64)
+def _parameter_key(key: str) -> bytes:
+    return _field(_MAP_KEY, key.encode())
 
 
 @functools.lru_cache(maxsize=4096)
@@ -163,10 +173,12 @@ def infer_response(
     parts = [_response_head(model_name, version, outputs)]
     if request_id:
         parts.append(_field(_ID, request_id.encode()))
-    for key, value in (parameters or {}).items():
-        entry = _field(_MAP_KEY, key.encode()) + _field(_MAP_VALUE, _field(_STRING_PARAM, value.encode()))
-        parts.append(_field(_PARAMETERS, entry))
-    parts.extend(_field(_RAW_OUTPUT_CONTENTS, r) for r in raw)
+    if parameters:
+        for key, value in parameters.items():
+            entry = _parameter_key(key) + _field(_MAP_VALUE, _field(_STRING_PARAM, value.encode()))
+            parts.append(_field(_PARAMETERS, entry))
+    for r in raw:
+        parts.append(_field(_RAW_OUTPUT_CONTENTS, r))
     return b"".join(parts)
 
 

@@ -21,15 +21,13 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 NO_SERVER_PROCESSES = os.environ.get("TESTS_NO_SERVER_PROCESSES") == "1"
 
 
-@pytest.fixture(autouse=True)
-def _no_server_processes_in_make_check(monkeypatch):
-    if NO_SERVER_PROCESSES:
-        from bench.common import ChildServer
+if NO_SERVER_PROCESSES:  # for fixtures of every scope: patched before any test module is collected
+    from bench.common import ChildServer
 
-        def refuse(self):
-            pytest.skip("starts a server process: run by make test, not make check")
+    def _refuse(self):
+        pytest.skip("starts a server process: run by make test, not make check")
 
-        monkeypatch.setattr(ChildServer, "start", refuse)
+    ChildServer.start = _refuse
 
 
 # ---------------------------------------------------------------- training fixtures

@@ -39,6 +39,7 @@ def test_require_fails_without_cuda():
     assert "no CUDA here" in done.stdout and "--require" in done.stderr
 
 
+@pytest.mark.slow
 def test_rehearsal_on_cpu_runs_every_in_process_variant_and_writes_json_and_png(trained_repository, tmp_path):
     """The script itself, without a GPU: each fast-path variant against CPU on all 10k images, the report files."""
     done = _run(

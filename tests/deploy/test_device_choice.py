@@ -154,6 +154,7 @@ def _resolve(requirements: list[str], tmp_path: Path) -> dict[str, str]:
     ],
     ids=["make-venv-cuda", "gpu-image"],
 )
+@pytest.mark.slow  # pip resolves against the index
 def test_the_gpu_sets_resolve_without_conflicts(extras, onnxruntime, tmp_path):
     """The GPU environments are never installed on this CPU machine (onnxruntime-gpu with CUDA and cuDNN is
     gigabytes), but pip resolves them here: a pin that conflicts with onnxruntime-gpu or its CUDA wheels fails

@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 
+import pytest
 from rel_harness import report
 from server_process import ROOT
 
@@ -13,6 +14,7 @@ DURATION_S = 12
 MAX_RSS_GROWTH_MB = 64
 
 
+@pytest.mark.slow
 def test_short_soak_has_no_errors_and_bounded_memory(trained_repository, tmp_path):
     out = tmp_path / "soak.json"
     proc = subprocess.run(

