@@ -98,11 +98,12 @@ class Batcher:
         self._max_delay = max_queue_delay_us / 1e6
         self._max_queued = max_queue_images
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
-        # Each counter has one writer: images submitted and finished (answered or dropped) by the event loop,
-        # images taken off the queue by the execution threads. Waiting: submitted - taken; in the server:
-        # submitted - finished.
+        # Images submitted and finished (answered or dropped), written by the event loop only, and taken off the
+        # queue, by the execution threads under a lock. Waiting: submitted - taken; in the server: submitted -
+        # finished.
         self._submitted = 0
         self._taken = 0
+        self._taken_lock = threading.Lock()
         self._finished = 0
         self._closed = False
         self._room = asyncio.Event()  # set whenever a run ends: the queue may have room again
@@ -179,8 +180,12 @@ class Batcher:
                 _call(item)
                 continue
             batch, carry = self._gather(item)
-            self._taken += sum(p.images.shape[0] for p in batch)
-            self._execute(batch)
+            with self._taken_lock:  # one writer at a time: `instances` threads take
+                self._taken += sum(p.images.shape[0] for p in batch)
+            try:
+                self._execute(batch)
+            except Exception:  # never lose the thread: the next requests would wait forever
+                log.exception("execution thread: a run could not be handed back")
 
     def _gather(self, first: _Pending) -> tuple[list[_Pending], object]:
         """`first` and whatever else is queued, up to max_batch_size images of one dtype; the item that did not
