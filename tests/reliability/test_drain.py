@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 import grpc
 import numpy as np
+import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from rel_harness import CLIENT_OPTIONS, report
 from server_process import start_server
@@ -134,3 +135,51 @@ async def test_sigterm_under_load_answers_every_accepted_request(trained_reposit
     # here, see UNAVAILABLE only in the drain's last moments, then the port closes).
     assert int(log.split("answered_during_drain=")[1].split()[0]) > 0, log[-2000:]
     assert "Traceback" not in log
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+async def test_a_plain_client_sees_answers_or_refusals_never_cancelled_or_cut(
+    trained_repository, tmp_path, reference, workers
+):
+    """A client without a retry policy (no service config at all), 32 calls in flight, SIGTERM with the server's
+    default flags: every call is answered, or refused with UNAVAILABLE before the server read it; none is
+    CANCELLED (a client cannot tell that from its own cancellation) and no connection is cut under a call."""
+    server = start_server(trained_repository, tmp_path, "--workers", str(workers))
+    outcomes: list[Outcome] = []
+    stop = asyncio.Event()
+    try:
+        async with grpc.aio.insecure_channel(server.url) as ch:
+            stub = pb_grpc.GRPCInferenceServiceStub(ch)
+
+            async def calls(seed: int) -> None:
+                lo = seed * 8
+                while not stop.is_set():
+                    sent = time.monotonic()
+                    try:
+                        reply = await stub.ModelInfer(infer_request(reference.images[lo : lo + 1], "mnist"), timeout=30)
+                    except grpc.aio.AioRpcError as err:
+                        outcomes.append(Outcome(sent, time.monotonic(), err.code(), err.details() or "", False))
+                        return  # a plain client gives up at its first error
+                    done = time.monotonic()
+                    outcomes.append(
+                        Outcome(sent, done, grpc.StatusCode.OK, "", reference.check(lo, 1, probabilities(reply)))
+                    )
+
+            tasks = [asyncio.create_task(calls(i)) for i in range(32)]
+            await asyncio.sleep(1.5)
+            assert sum(o.code == grpc.StatusCode.OK for o in outcomes) > 100, server.log()
+            server.proc.send_signal(signal.SIGTERM)
+            await asyncio.wait_for(asyncio.gather(*tasks), 60)
+        code = await asyncio.to_thread(server.proc.wait, 30)
+    finally:
+        stop.set()
+        server.stop(signal.SIGKILL)
+    errors = [(o.code.name, o.details) for o in outcomes if o.code != grpc.StatusCode.OK]
+    report(f"drain_plain_client_w{workers}", {
+        "ok": len(outcomes) - len(errors), "errors": sorted({f"{c}: {d[:60]}" for c, d in errors}), "exit": code,
+    })  # fmt: skip
+    assert code == 0
+    assert all(o.correct for o in outcomes if o.code == grpc.StatusCode.OK)
+    assert not [e for e in errors if e[0] == "CANCELLED"], errors
+    # UNAVAILABLE only as the drain's refusal (read nothing, retry elsewhere): not "socket closed" or a reset.
+    assert all(c == "UNAVAILABLE" and "shutting down" in d for c, d in errors), errors
