@@ -92,14 +92,19 @@ async def test_batches_never_exceed_max_batch_size():
     batcher.close()
 
 
-async def test_full_queue_is_refused_with_overloaded():
-    rec = Recorder()
-    gate = Gate()
+async def _a_full_queue(rec: Recorder, gate: Gate):
+    """A batcher holding 6 images in its queue (its limit) behind a gated run of 4."""
     batcher = Batcher(gate, rec, max_batch_size=4, max_queue_images=6)
     running = asyncio.create_task(batcher.infer(np.ones((4, 2))))
     await asyncio.to_thread(gate.started.wait, 5)
     queued = [asyncio.create_task(batcher.infer(np.ones((3, 2)))) for _ in range(2)]
     await asyncio.sleep(0.01)
+    return batcher, running, queued
+
+
+async def test_full_queue_is_refused_with_overloaded():
+    rec, gate = Recorder(), Gate()
+    batcher, running, queued = await _a_full_queue(rec, gate)
     with pytest.raises(Overloaded, match="queue full"):
         await batcher.infer(np.ones((1, 2)))
     assert rec.shed == ["queue_full"]
@@ -400,13 +405,8 @@ async def test_a_failing_observer_does_not_keep_answers_from_their_callers(caplo
 
 async def test_a_request_that_may_wait_waits_for_room_instead_of_being_refused():
     """Streams are slowed, not refused: with `wait` a request finding the queue full is queued once a run ends."""
-    rec = Recorder()
-    gate = Gate()
-    batcher = Batcher(gate, rec, max_batch_size=4, max_queue_images=6)
-    running = asyncio.create_task(batcher.infer(np.ones((4, 2))))
-    await asyncio.to_thread(gate.started.wait, 5)
-    queued = [asyncio.create_task(batcher.infer(np.ones((3, 2)))) for _ in range(2)]
-    await asyncio.sleep(0.01)
+    rec, gate = Recorder(), Gate()
+    batcher, running, queued = await _a_full_queue(rec, gate)
     waiting = asyncio.create_task(batcher.infer(np.full((2, 2), 5.0), wait=True))
     await asyncio.sleep(0.05)
     assert not waiting.done() and rec.shed == []  # held, not refused
