@@ -141,6 +141,9 @@ class Settings(BaseSettings):
         bucket_sizes(self.batch_buckets, self.max_batch_size)  # a bad list fails here, naming the flag
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ValueError("tls_cert and tls_key must be given together")
+        if self.cuda_graphs and self.instance_count > 1:
+            # onnxruntime keeps CUDA graphs per thread and runs a graph-capturing session from one thread only.
+            raise ValueError("cuda_graphs needs instance_count 1 (CUDA graphs are captured and replayed per thread)")
         return self
 
     @property

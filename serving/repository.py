@@ -83,9 +83,9 @@ class ModelVersion:
             name=f"{name}-{version}",
         )
         try:
-            # On the execution threads that will serve it (CUDA graphs are captured per thread).
-            for _ in range(settings.instance_count):
-                self.batcher.call(lambda: self.model.warm_up(settings.max_batch_size))
+            # On an execution thread of this version: with CUDA graphs (one instance, see Settings) the graphs
+            # are captured on the thread that replays them.
+            self.batcher.call(lambda: self.model.warm_up(settings.max_batch_size))
             if settings.verify_on_load:
                 self.batcher.call(lambda: _verify_accuracy(self.model, self.metadata, settings.data_dir))
         except BaseException:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import threading
 
 import numpy as np
@@ -125,3 +126,37 @@ def test_concurrent_runs_in_one_bucket_each_get_their_own_answers(models, mnist_
     for t in threads:
         t.join()
     assert errors == []
+
+
+def test_cuda_graphs_need_one_execution_thread(capsys):
+    with pytest.raises(SystemExit):
+        parse_args(["--cuda-graphs", "--instance-count", "2"])
+    assert "cuda_graphs needs instance_count 1" in capsys.readouterr().err
+
+
+async def test_every_run_of_a_version_happens_on_its_execution_thread(trained_repository, monkeypatch):
+    """Loading (warm-up of every bucket, the accuracy check) and serving: no onnxruntime run of the version on any
+    other thread, with IO binding as CUDA graphs use it (a graph is captured and replayed per thread)."""
+    import onnxruntime as ort
+
+    from serving.repository import ModelVersion
+
+    threads: list[int] = []
+    for method in ("run", "run_with_iobinding"):
+        original = getattr(ort.InferenceSession, method)
+
+        def recording(self, *args, _original=original, **kwargs):
+            threads.append(threading.get_ident())
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(ort.InferenceSession, method, recording)
+    settings = Settings(io_binding="on", device="cpu", max_batch_size=64, batch_buckets="1,8")
+    mv = await asyncio.to_thread(ModelVersion, "mnist", 1, trained_repository / "mnist" / "1", settings)
+    try:
+        loaded = len(threads)
+        images = np.zeros((3, 784), dtype=np.float32)
+        await asyncio.gather(*(mv.batcher.infer(images) for _ in range(8)), mv.batcher.infer(images.astype(np.uint8)))
+        assert loaded > 0 and len(threads) > loaded  # warm-up and serving both ran through onnxruntime
+        assert set(threads) <= mv.batcher.thread_ids, "an onnxruntime run on a thread that does not serve it"
+    finally:
+        await mv.unload()
