@@ -340,7 +340,7 @@ def model_config(mv: ModelVersion, settings: Settings) -> mc.ModelConfig:
         dynamic_batching=mc.ModelDynamicBatching(max_queue_delay_microseconds=settings.max_queue_delay_us),
         instance_group=[
             mc.ModelInstanceGroup(
-                count=1,
+                count=settings.instance_count,
                 kind=mc.ModelInstanceGroup.KIND_GPU if "CUDA" in mv.provider else mc.ModelInstanceGroup.KIND_CPU,
             )
         ],

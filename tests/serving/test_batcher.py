@@ -416,3 +416,16 @@ async def test_a_request_that_may_wait_waits_for_room_instead_of_being_refused()
     await asyncio.gather(running, *queued)
     np.testing.assert_array_equal((await asyncio.wait_for(waiting, 10)).probs, np.full((2, 10), 10.0))
     batcher.close()
+
+
+def test_model_config_reports_the_instance_count():
+    """Triton's ModelConfig shows the execution threads per version as its instance group count."""
+    from types import SimpleNamespace
+
+    from serving.config import Settings
+    from serving.protos import model_config_pb2 as mc
+    from serving.servicer import model_config
+
+    mv = SimpleNamespace(name="mnist", provider="CPUExecutionProvider")
+    config = model_config(mv, Settings(instance_count=3, model_repository="unused"))
+    assert [(g.count, g.kind) for g in config.instance_group] == [(3, mc.ModelInstanceGroup.KIND_CPU)]
