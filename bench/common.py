@@ -233,6 +233,12 @@ class ChildServer:
                 total += t.user + t.system
         return total
 
+    def signal(self, sig: int) -> None:
+        """Send `sig` to the server's process group (its workers included), without waiting."""
+        if self.proc is not None:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self.proc.pid, sig)
+
     def stop(self, grace: float = 5.0) -> None:
         """SIGTERM the process group, SIGKILL what is left after `grace` seconds."""
         _LIVE.discard(self)
@@ -240,15 +246,13 @@ class ChildServer:
             return
         self._stopped = True
         if self.proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.proc.pid, signal.SIGTERM)
+            self.signal(signal.SIGTERM)
             try:
                 self.proc.wait(grace)
             except subprocess.TimeoutExpired:
                 pass
         # Workers may outlive their parent; the group id stays valid while any member lives.
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(self.proc.pid, signal.SIGKILL)
+        self.signal(signal.SIGKILL)
         with contextlib.suppress(subprocess.TimeoutExpired):
             self.proc.wait(grace)
         log.info("stopped %s (exit %s)", self.name, self.proc.returncode)
@@ -303,9 +307,7 @@ def stop_all_children() -> None:
 def signal_all_children(sig: int = signal.SIGTERM) -> None:
     """Send `sig` to every live child server's process group at once, without waiting."""
     for child in list(_LIVE):
-        if child.proc is not None and child.proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(child.proc.pid, sig)
+        child.signal(sig)
 
 
 def install_sigterm_exit() -> None:

@@ -364,6 +364,12 @@ def summarize(step: Step, parts: list[dict], client_procs: int) -> dict:
     return result
 
 
+def _cell(result: dict, key: str, spec: str) -> str:
+    """An optional figure of a step result, formatted, or "-" where the server did not report it."""
+    value = result.get(key)
+    return "-" if value is None else format(value, spec)
+
+
 def format_table(results: list[dict], title: str = "") -> str:
     """Fixed-width table of step results."""
     head = (
@@ -376,10 +382,11 @@ def format_table(results: list[dict], title: str = "") -> str:
         lat = r["latency_ms"]
         ms = [f"{v:.2f}" if v is not None else "-" for v in (lat["p50"], lat["p90"], lat["p99"], lat["max"])]
         acc = f"{r['accuracy']:.4f}" if r["accuracy"] is not None else "-"
-        srv = f"{r['server_cpu_pct']:.0f}" if r.get("server_cpu_pct") is not None else "-"
-        oth = f"{r['other_cpu_pct']:.0f}" if r.get("other_cpu_pct") is not None else "-"
-        per_req = f"{r['server_cpu_us_per_req']:.0f}" if r.get("server_cpu_us_per_req") is not None else "-"
-        per_run = f"{r['server_mean_batch_images']:.2f}" if r.get("server_mean_batch_images") is not None else "-"
+        srv, oth, per_req, per_run = (
+            _cell(r, key, spec)
+            for key, spec in (("server_cpu_pct", ".0f"), ("other_cpu_pct", ".0f"), ("server_cpu_us_per_req", ".0f"),
+                              ("server_mean_batch_images", ".2f"))
+        )  # fmt: skip
         lines.append(
             f"{r['label']:<34}{r['req_per_s']:>9.0f}{r['img_per_s']:>10.0f}"
             + "".join(f"{m:>8}" for m in ms)

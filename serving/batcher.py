@@ -288,16 +288,18 @@ class Batcher:
                     end = offset + n
                     p.future.set_result(Answer(probs[offset:end], classes[offset:end], start - p.enqueued, seconds))
                 offset += n
-        try:  # NOTE: after the answers: a failing observer must not leave callers waiting forever
-            self._observer.on_batch(probs.shape[0], len(live), seconds, joined - start, time.perf_counter() - now)
-            waits = [start - p.enqueued for p in live if p.client]
-            if len(waits) == len(live):
-                self._observer.on_answers(probs, classes, waits, seconds)
-            elif waits:
-                rows = np.concatenate([np.full(p.images.shape[0], p.client) for p in live])
-                self._observer.on_answers(probs[rows], classes[rows], waits, seconds)
-        except Exception:
-            log.exception("recording a run's statistics failed; its answers were sent")
+        # NOTE: after the answers: a failing observer must not leave callers waiting forever.
+        self._observe(self._record, live, probs, classes, start, seconds, joined - start, time.perf_counter() - now)
+
+    def _record(self, live, probs, classes, start: float, seconds: float, input_s: float, output_s: float) -> None:
+        """The run's statistics, and the drift signals of the answers that went to clients."""
+        self._observer.on_batch(probs.shape[0], len(live), seconds, input_s, output_s)
+        waits = [start - p.enqueued for p in live if p.client]
+        if len(waits) == len(live):
+            self._observer.on_answers(probs, classes, waits, seconds)
+        elif waits:
+            rows = np.concatenate([np.full(p.images.shape[0], p.client) for p in live])
+            self._observer.on_answers(probs[rows], classes[rows], waits, seconds)
 
     @staticmethod
     def _observe(method, *args) -> None:

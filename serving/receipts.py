@@ -34,7 +34,6 @@ log = logging.getLogger(__name__)
 FORMAT = 1
 TAG_BYTES = 16  # HMAC-SHA256 truncated to 128 bits (NIST SP 800-107 allows truncation to >= 64)
 MIN_KEY_BYTES = 16
-_SHA256_BLOCK = 64
 _HEAD = struct.Struct(">B4sI8s")  # format, key id, issued, nonce
 _COUNT = struct.Struct(">I")
 _MIN_RAW = _HEAD.size + 2 + _COUNT.size + TAG_BYTES
@@ -59,11 +58,9 @@ class ReceiptKey:
     def __init__(self, key: bytes, max_age_s: float) -> None:
         if len(key) < MIN_KEY_BYTES:
             raise ValueError(f"receipt key has {len(key)} bytes; at least {MIN_KEY_BYTES} are needed")
-        # HMAC (RFC 2104) with the key's inner and outer hash states made once: a receipt per answer costs two
-        # state copies instead of a new HMAC context (hmac.digest: ~5x slower).
-        block = (key if len(key) <= _SHA256_BLOCK else hashlib.sha256(key).digest()).ljust(_SHA256_BLOCK, b"\0")
-        self._inner = hashlib.sha256(bytes(b ^ 0x36 for b in block))
-        self._outer = hashlib.sha256(bytes(b ^ 0x5C for b in block))
+        # The keyed HMAC state is made once; a receipt per answer copies it (hmac.digest builds a new context
+        # every time: ~3x slower).
+        self._hmac = hmac.new(key, digestmod=hashlib.sha256)
         self.key_id = hashlib.sha256(key).digest()[:4]
         self.max_age_s = max_age_s
         # Nonce: 4 random bytes per process + a counter, so equal predictions in one second still differ.
@@ -105,11 +102,9 @@ class ReceiptKey:
 
     def _tag(self, body: bytes) -> bytes:
         """HMAC-SHA256(key, body), truncated to TAG_BYTES."""
-        inner = self._inner.copy()
-        inner.update(body)
-        outer = self._outer.copy()
-        outer.update(inner.digest())
-        return outer.digest()[:TAG_BYTES]
+        mac = self._hmac.copy()
+        mac.update(body)
+        return mac.digest()[:TAG_BYTES]
 
     def verify(self, token: str, now: float | None = None) -> Receipt:
         """The receipt `token` stands for; InvalidReceipt if it is malformed, forged, foreign or expired."""

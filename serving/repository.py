@@ -129,10 +129,7 @@ class ModelVersion:
         request's figures when it is answered: record_success)."""
         images = classes.size
         self._images.inc(images)
-        if len(waits) == 1:
-            self._queue_duration.observe(waits[0])
-        else:
-            metrics.observe_many(self._queue_duration, waits)
+        metrics.observe_many(self._queue_duration, waits)
         if images == 1:
             c = int(classes[0])
             self._predicted[c].inc()
