@@ -58,8 +58,8 @@ class ReceiptKey:
     def __init__(self, key: bytes, max_age_s: float) -> None:
         if len(key) < MIN_KEY_BYTES:
             raise ValueError(f"receipt key has {len(key)} bytes; at least {MIN_KEY_BYTES} are needed")
-        # The keyed HMAC state is made once; a receipt per answer copies it (hmac.digest builds a new context
-        # every time: ~3x slower).
+        # The keyed HMAC state is made once; a receipt per answer copies it (1.0 vs 1.3 us for hmac.digest, which
+        # keys a new context every time).
         self._hmac = hmac.new(key, digestmod=hashlib.sha256)
         self.key_id = hashlib.sha256(key).digest()[:4]
         self.max_age_s = max_age_s
