@@ -40,7 +40,8 @@ $(STAMP): pyproject.toml $(REQS) $(DEVICE_FILE)
 	$(PY) -m pip install --quiet --requirement $(VENV)/requirements.txt
 	$(PY) -m pip install --quiet --no-deps -e .
 	$(PY) -m pip check
-	$(PY) -c "import onnxruntime as o; o.preload_dlls(); print('onnxruntime', o.__version__, o.get_available_providers())"
+	@# A tiny session created and run on the chosen device (a CUDA build lists CUDA even without a usable driver).
+	$(PY) -m serving.runtime --device-check $$(cat $(DEVICE_FILE))
 	touch $@
 
 venv: $(STAMP) ## create the virtual environment with every extra (pinned in pyproject.toml; DEVICE=auto|cpu|cuda)

@@ -50,11 +50,18 @@ class Settings(BaseSettings):
         "when it is free and runs it as one batch.",
     )
     device: Literal["auto", "cuda", "cpu"] = Field(
-        "auto", description="Execution provider: auto prefers CUDA and falls back to CPU."
+        "auto",
+        description="Execution provider: auto prefers CUDA and uses CPU when CUDA is missing or fails (logged); "
+        "cuda refuses to start without CUDA.",
     )
     cuda_device_id: int = Field(0, ge=0, description="CUDA device for the CUDA execution provider.")
     require_gpu: bool = Field(
         False, description="Exit non-zero at start-up unless CUDA is really in use, with no node left on CPU."
+    )
+    tf32: bool = Field(
+        False,
+        description="On CUDA, let MatMul/Gemm round their inputs to TF32 (faster on Ampere and newer; answers "
+        "then differ from CPU by up to 2e-3 in probability instead of 1e-5).",
     )
     io_binding: Literal["auto", "on", "off"] = Field(
         "auto", description="Run through IO binding with buffers allocated once per batch bucket (auto: on CUDA)."

@@ -110,12 +110,14 @@ class BoundSession:
         self.buckets = tuple(buckets)
         self.device = device
         self.cuda_graphs = cuda_graphs
-        self.pinned = False
         # A session with CUDA graphs must not run concurrently (onnxruntime's rule): one lock for all slots.
         shared_lock = threading.Lock() if cuda_graphs else None
         self._slots: dict[int, _Slot] = {}
+        pinned_buckets = []
         for graph_id, size in enumerate(self.buckets, start=1):
-            host_in, self.pinned = host_buffer((size, IMAGE_PIXELS), self.dtype, pinned and device == "cuda")
+            host_in, locked = host_buffer((size, IMAGE_PIXELS), self.dtype, pinned and device == "cuda")
+            if locked:
+                pinned_buckets.append(size)
             host_in.fill(0)
             binding = session.io_binding()
             if device == "cpu":
@@ -140,6 +142,9 @@ class BoundSession:
             self._slots[size] = _Slot(
                 size, host_in, host_out, device_in, out, binding, run_options, shared_lock or threading.Lock()
             )
+        # Page-locked staging for every bucket, or not: one bucket left pageable is a slower copy for its batches.
+        self.pinned_buckets = tuple(pinned_buckets)
+        self.pinned = len(pinned_buckets) == len(self.buckets)
 
     def run(self, images: np.ndarray) -> np.ndarray:
         """Probabilities (N, 10) for N images of this session's dtype; batches above the largest bucket in chunks."""

@@ -59,6 +59,10 @@ PROVIDER = Gauge(
     f"{PREFIX}_execution_provider_info", "1 for the execution provider really running each model version.",
     (*MV, "provider"), multiprocess_mode="livemax",
 )  # fmt: skip
+EXECUTION_NODES = Gauge(
+    f"{PREFIX}_execution_nodes", "Graph nodes onnxruntime assigned to each execution provider, per input type.",
+    (*MV, "input", "provider"), multiprocess_mode="livemax",
+)  # fmt: skip
 GPU_REQUIRED = Gauge(f"{PREFIX}_gpu_required", "1 when the server was told to require CUDA.", multiprocess_mode="max")
 MODEL_LOAD = Gauge(
     f"{PREFIX}_model_load_seconds", "Time to load and warm up a model version.", MV, multiprocess_mode="max"
@@ -102,15 +106,26 @@ def observe_many(histogram, values) -> None:
     histogram._sum.inc(float(values.sum()))
 
 
-def forget_version(model: str, version: str, provider: str) -> None:
-    """Drop the per-version series of an unloaded model version (its gauges and its provider)."""
+def set_placement(model: str, version: str, provider: str, placement: dict[str, dict[str, list]]) -> None:
+    """The provider running a version and how many of its nodes each provider runs, per input type."""
+    PROVIDER.labels(model, version, provider).set(1)
+    for input_type, providers in placement.items():
+        for name, ops in providers.items():
+            EXECUTION_NODES.labels(model, version, input_type, name).set(len(ops))
+
+
+def forget_version(model: str, version: str, provider: str, placement: dict[str, dict[str, list]]) -> None:
+    """Drop the per-version series of an unloaded model version (its gauges, its provider and placement)."""
     gauges = (OFFLINE_ACCURACY, MODEL_LOAD, QUEUE_IMAGES, ONLINE_ACCURACY, CANARY_ACCURACY)
+    nodes = [(input_type, name) for input_type, providers in placement.items() for name in providers]
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         # remove() cannot delete a series from the shared files (it only warns): blank the values instead,
         # so an unloaded version stops reporting its last accuracy and its provider.
         for metric in gauges:
             metric.labels(model, version).set(0 if metric is QUEUE_IMAGES else math.nan)
         PROVIDER.labels(model, version, provider).set(0)
+        for input_type, name in nodes:
+            EXECUTION_NODES.labels(model, version, input_type, name).set(0)
         return
     for metric in gauges:
         try:
@@ -118,6 +133,8 @@ def forget_version(model: str, version: str, provider: str) -> None:
         except KeyError:
             pass
     PROVIDER.remove(model, version, provider)
+    for input_type, name in nodes:
+        EXECUTION_NODES.remove(model, version, input_type, name)
 
 
 def start_metrics_server(port: int, host: str) -> None:

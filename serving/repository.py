@@ -106,7 +106,7 @@ class ModelVersion:
         self._predicted = [metrics.PREDICTIONS.labels(*labels, str(c)) for c in range(10)]
         self._correct = metrics.FEEDBACK.labels(*labels, "correct")
         self._incorrect = metrics.FEEDBACK.labels(*labels, "incorrect")
-        metrics.PROVIDER.labels(*labels, self.provider).set(1)
+        metrics.set_placement(name, self.version, self.provider, self.model.placement)
         metrics.MODEL_LOAD.labels(*labels).set(self.load_seconds)
         if "test_accuracy" in self.metadata:
             metrics.OFFLINE_ACCURACY.labels(*labels).set(float(self.metadata["test_accuracy"]))
@@ -177,7 +177,7 @@ class ModelVersion:
     async def unload(self) -> None:
         await self.batcher.drain()
         self.batcher.close()
-        metrics.forget_version(self.name, self.version, self.provider)
+        metrics.forget_version(self.name, self.version, self.provider, self.model.placement)
 
 
 # A version is refused if it scores more than golden.TOLERANCE below its recorded accuracy on these images.

@@ -1,9 +1,12 @@
-"""onnxruntime sessions: choose the execution provider, report the one really in use, run batches."""
+"""onnxruntime sessions: choose the execution provider, report where every node runs, run batches."""
 
 from __future__ import annotations
 
+import argparse
 import logging
 import os
+import sys
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -18,31 +21,88 @@ log = logging.getLogger(__name__)
 
 CUDA = "CUDAExecutionProvider"
 CPU = "CPUExecutionProvider"
+# Largest |probability difference| from CPU expected of CUDA: FP32 kernels accumulate in another order (1e-5);
+# TF32 (--tf32) rounds MatMul/Gemm inputs to 10 mantissa bits: emulated on CPU over the 10,000 test images it
+# moves probabilities by up to 6.6e-4 (tests/serving/test_tf32.py), so its bound is 2e-3.
+FP32_TOLERANCE = 1e-5
+TF32_TOLERANCE = 2e-3
 _dlls_preloaded = False
 
 
-def requested_providers(settings: Settings) -> list:
-    """Providers to ask onnxruntime for, best first."""
-    global _dlls_preloaded
-    if settings.device == "cpu":
-        return [CPU]
-    if not _dlls_preloaded and hasattr(ort, "preload_dlls"):
-        # Loads the CUDA/cuDNN libraries shipped in pip wheels; harmless on a CPU-only build.
-        try:
-            ort.preload_dlls()
-        except Exception as exc:  # a missing optional DLL must not stop a CPU server
-            log.warning("onnxruntime.preload_dlls() failed: %s", exc)
-        _dlls_preloaded = True
-    if CUDA not in ort.get_available_providers():
-        if settings.device == "cuda" or settings.require_gpu:
-            log.warning("CUDA requested but this onnxruntime build has no %s", CUDA)
-        return [CPU]
-    options = {"device_id": settings.cuda_device_id}
+def wants_cuda(settings: Settings) -> bool:
+    """Whether CUDA was asked for in a way that forbids serving on CPU instead (--device cuda, --require-gpu)."""
+    return settings.device == "cuda" or settings.require_gpu
+
+
+def cuda_options(settings: Settings) -> dict[str, str]:
+    """The CUDA execution provider's options: TF32 off unless --tf32 (onnxruntime turns it on by default)."""
+    options = {"device_id": str(settings.cuda_device_id), "use_tf32": "1" if settings.tf32 else "0"}
     if settings.cuda_graphs:
         options["enable_cuda_graph"] = "1"
+    return options
+
+
+def _preload_cuda_libraries() -> None:
+    """Load the CUDA/cuDNN libraries shipped in pip wheels once; harmless on a CPU-only build."""
+    global _dlls_preloaded
+    if not _dlls_preloaded and hasattr(ort, "preload_dlls"):
+        try:
+            ort.preload_dlls()
+        except Exception as exc:  # a missing optional library must not stop a CPU server
+            log.warning("onnxruntime.preload_dlls() failed: %s", exc)
+        _dlls_preloaded = True
+
+
+def check_device(settings: Settings) -> None:
+    """StartupError, before anything loads, when CUDA is required (--device cuda, --require-gpu) but cannot be."""
+    if not wants_cuda(settings):
+        return
+    if settings.device == "cpu":
+        raise StartupError("--require-gpu: CUDA is not active: --device cpu chooses the CPU provider")
+    _preload_cuda_libraries()
+    if CUDA not in ort.get_available_providers():
+        raise StartupError(
+            f"{_asked(settings)}: CUDA is not active: onnxruntime {ort.__version__} has no {CUDA} "
+            f"(providers: {', '.join(ort.get_available_providers())}); install onnxruntime-gpu "
+            "(make venv DEVICE=cuda) or use --device auto|cpu"
+        )
+
+
+def requested_providers(settings: Settings) -> list:
+    """Providers to ask onnxruntime for, best first; StartupError when CUDA is required and this build lacks it."""
+    check_device(settings)
+    if settings.device == "cpu":
+        return [CPU]
+    _preload_cuda_libraries()
+    if CUDA not in ort.get_available_providers():
+        return [CPU]
     if settings.require_gpu:
-        return [(CUDA, options)]  # no CPU provider: OnnxModel then forbids any node falling back to CPU
-    return [(CUDA, options), CPU]
+        return [(CUDA, cuda_options(settings))]  # no CPU provider: a node CUDA cannot run fails the load
+    return [(CUDA, cuda_options(settings)), CPU]
+
+
+def _asked(settings: Settings) -> str:
+    return " and ".join(
+        f for f, on in (("--device cuda", settings.device == "cuda"), ("--require-gpu", settings.require_gpu)) if on
+    )
+
+
+def placement(session: ort.InferenceSession) -> dict[str, list[str]]:
+    """Where onnxruntime put every node: provider -> op types, from its own record of the assignment."""
+    out: dict[str, list[str]] = {}
+    for subgraph in session.get_provider_graph_assignment_info():
+        out.setdefault(subgraph.ep_name, []).extend(node.op_type for node in subgraph.get_nodes())
+    return {provider: sorted(ops) for provider, ops in out.items()}
+
+
+def describe_placement(by_input: dict[str, dict[str, list[str]]]) -> str:
+    """'FP32: CUDAExecutionProvider Gemm x2, Relu, Softmax; UINT8: ...' for logs and errors."""
+    parts = []
+    for name, providers in by_input.items():
+        for provider, ops in providers.items():
+            counted = ", ".join(f"{op} x{n}" if n > 1 else op for op, n in sorted(Counter(ops).items()))
+            parts.append(f"{name}: {provider} {counted}")
+    return "; ".join(parts)
 
 
 def uses_io_binding(settings: Settings, provider: str) -> bool:
@@ -96,28 +156,89 @@ def with_uint8_input(model_bytes: bytes) -> bytes:
     return model.SerializeToString()
 
 
+def session_options(settings: Settings, threads: int) -> ort.SessionOptions:
+    """Options for both sessions of a model: all graph optimizations, no spinning, placement recorded."""
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.intra_op_num_threads = threads
+    # Spinning threads burn the cores that gRPC needs between small batches.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    # Where each node runs, kept by onnxruntime for placement(): what get_providers() cannot say.
+    options.add_session_config_entry("session.record_ep_graph_assignment_info", "1")
+    if settings.require_gpu:
+        # A node CUDA cannot run makes the session fail to load instead of running on CPU.
+        options.add_session_config_entry("session.disable_cpu_ep_fallback", "1")
+    return options
+
+
+def create_sessions(graphs: dict[str, bytes], settings: Settings, path: Path) -> dict[str, ort.InferenceSession]:
+    """One session per graph, all on the requested providers, with onnxruntime's own fallback off.
+
+    onnxruntime's Python layer would otherwise rebuild a session CPU-only when CUDA fails (at load or at a run),
+    printing a line and hiding the cause. Here a CUDA failure stops the start when CUDA was required
+    (--device cuda, --require-gpu), with its own message; under --device auto both sessions move to CPU together,
+    logged with the cause.
+    """
+    providers = requested_providers(settings)
+    options = session_options(settings, intra_op_threads(settings))
+    try:
+        return {
+            name: ort.InferenceSession(graph, options, providers=providers, enable_fallback=0)
+            for name, graph in graphs.items()
+        }
+    except Exception as exc:
+        if providers == [CPU] or wants_cuda(settings):
+            raise StartupError(f"cannot load {path} on {_names(providers)}: {exc}") from exc
+        log.warning("%s: CUDA failed, serving on CPU (--device auto): %s", path, exc)
+    try:
+        return {
+            name: ort.InferenceSession(graph, options, providers=[CPU], enable_fallback=0)
+            for name, graph in graphs.items()
+        }
+    except Exception as exc:
+        raise StartupError(f"cannot load {path} on {CPU}: {exc}") from exc
+
+
+def _names(providers: list) -> str:
+    return ", ".join(p[0] if isinstance(p, tuple) else p for p in providers)
+
+
+def check_placement(by_input: dict[str, dict[str, list[str]]], settings: Settings, path: Path) -> None:
+    """Refuse a model that would not run where it was asked to: --require-gpu wants every node on CUDA,
+    --device cuda at least one (onnxruntime drops a provider it cannot create with a warning only)."""
+    if not wants_cuda(settings):
+        return
+    elsewhere = {name: {p: ops for p, ops in providers.items() if p != CUDA} for name, providers in by_input.items()}
+    elsewhere = {name: providers for name, providers in elsewhere.items() if providers}
+    on_cuda = any(CUDA in providers for providers in by_input.values())
+    if settings.require_gpu and elsewhere:
+        raise StartupError(f"--require-gpu: {path} has nodes that do not run on CUDA: {describe_placement(elsewhere)}")
+    if not on_cuda:
+        raise StartupError(f"{_asked(settings)}: no node of {path} runs on CUDA: {describe_placement(by_input)}")
+    if elsewhere:
+        log.warning("%s: nodes without a CUDA kernel run elsewhere: %s", path, describe_placement(elsewhere))
+
+
 class OnnxModel:
     """One loaded model.onnx: a session for FP32 images and one for UINT8 pixels; `run` is thread-safe."""
 
     def __init__(self, path: Path, settings: Settings) -> None:
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        threads = intra_op_threads(settings)
-        if threads:
-            options.intra_op_num_threads = threads
-        # Spinning threads burn the cores that gRPC needs between small batches.
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        providers = requested_providers(settings)
-        if CPU not in providers:
-            # --require-gpu on CUDA: a node CUDA cannot run makes the session fail to load instead of running on CPU.
-            options.add_session_config_entry("session.disable_cpu_ep_fallback", "1")
         try:
             model_bytes = path.read_bytes()
-            self.session = ort.InferenceSession(model_bytes, options, providers=providers)
+        except OSError as exc:
+            raise StartupError(f"cannot read {path}: {exc}") from exc
+        try:
+            uint8_bytes = with_uint8_input(model_bytes)
         except Exception as exc:
-            raise StartupError(f"cannot load {path}: {exc}") from exc
-        # onnxruntime falls back to CPU silently: what get_providers() says is what really runs.
-        self.provider = self.session.get_providers()[0]
+            raise StartupError(f"cannot load {path}: its UINT8-input variant cannot be built: {exc}") from exc
+        sessions = create_sessions({"FP32": model_bytes, "UINT8": uint8_bytes}, settings, path)
+        self.session, self.uint8_session = sessions["FP32"], sessions["UINT8"]
+        # Per input, provider -> op types: where onnxruntime really put each node.
+        self.placement = {name: placement(session) for name, session in sessions.items()}
+        check_placement(self.placement, settings, path)
+        fp32 = Counter({provider: len(ops) for provider, ops in self.placement["FP32"].items()})
+        # The provider running most of the model; the placement says where every node runs.
+        self.provider = fp32.most_common(1)[0][0] if fp32 else self.session.get_providers()[0]
         inputs, outputs = self.session.get_inputs(), self.session.get_outputs()
         if len(inputs) != 1 or inputs[0].shape[-1] != IMAGE_PIXELS or outputs[0].shape[-1] != NUM_CLASSES:
             raise StartupError(
@@ -126,27 +247,28 @@ class OnnxModel:
             )
         self.input_name = inputs[0].name
         self.output_name = outputs[0].name
-        try:
-            self.uint8_session = ort.InferenceSession(with_uint8_input(model_bytes), options, providers=providers)
-        except Exception as exc:
-            raise StartupError(f"cannot build the UINT8-input variant of {path}: {exc}") from exc
-        # IO binding: one BoundSession per dtype, its buffers allocated here, once per batch bucket.
+        log.info("%s: %s", path, describe_placement(self.placement))
         self.bound: dict[type, BoundSession] = {}
         if uses_io_binding(settings, self.provider):
-            device = "cuda" if self.provider == CUDA else "cpu"
-            graphs = settings.cuda_graphs and device == "cuda"
-            try:
-                for dtype, session in ((np.float32, self.session), (np.uint8, self.uint8_session)):
-                    self.bound[dtype] = BoundSession(
-                        session, self.input_name, self.output_name, dtype, settings.buckets, device,
-                        settings.cuda_device_id, settings.pinned_memory, graphs,
-                    )  # fmt: skip
-            except Exception as exc:
-                raise StartupError(f"cannot set up IO binding for {path} on {device}: {exc}") from exc
-            log.info(
-                "%s: IO binding on %s, buckets %s, pinned host memory %s, CUDA graphs %s",
-                path, device, settings.buckets, self.bound[np.uint8].pinned, graphs,
-            )  # fmt: skip
+            self._bind(settings, path)
+
+    def _bind(self, settings: Settings, path: Path) -> None:
+        """IO binding: one BoundSession per dtype, its buffers allocated here, once per batch bucket."""
+        device = "cuda" if self.provider == CUDA else "cpu"
+        graphs = settings.cuda_graphs and device == "cuda"
+        try:
+            for dtype, session in ((np.float32, self.session), (np.uint8, self.uint8_session)):
+                self.bound[dtype] = BoundSession(
+                    session, self.input_name, self.output_name, dtype, settings.buckets, device,
+                    settings.cuda_device_id, settings.pinned_memory, graphs,
+                )  # fmt: skip
+        except Exception as exc:
+            raise StartupError(f"cannot set up IO binding for {path} on {device}: {exc}") from exc
+        log.info(
+            "%s: IO binding on %s, buckets %s, page-locked staging for %d of %d buckets, CUDA graphs %s",
+            path, device, settings.buckets, min(len(b.pinned_buckets) for b in self.bound.values()),
+            len(settings.buckets), graphs,
+        )  # fmt: skip
 
     def run(self, images: np.ndarray) -> np.ndarray:
         """Class probabilities, float32 (N, 10), for float32 (N, 784) images in [0, 1] or uint8 pixels 0-255."""
@@ -170,3 +292,52 @@ class OnnxModel:
                 probs = self.run(np.zeros((n, IMAGE_PIXELS), dtype=dtype))
                 if probs.shape != (n, NUM_CLASSES) or not np.all(np.isfinite(probs)):
                     raise StartupError(f"warm-up inference gave {probs.shape} / non-finite output")
+
+
+def tiny_model() -> bytes:
+    """A one-Gemm ONNX model, [N,4] -> [N,2], for checking that a provider can create and run a session."""
+    from onnx import TensorProto, helper
+
+    weights = helper.make_tensor("w", TensorProto.FLOAT, [4, 2], [1, 0, 0, 1, 1, 0, 0, 1])
+    graph = helper.make_graph(
+        [helper.make_node("Gemm", ["x", "w"], ["y"])],
+        "tiny",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 2])],
+        [weights],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10)
+    return model.SerializeToString()
+
+
+def device_check(device: str) -> str:
+    """Create and run a tiny session on `device` (cpu|cuda) with no fallback; a line saying where it ran.
+
+    Raises StartupError with onnxruntime's own cause when the provider cannot run it (a CUDA build without a
+    usable driver or libraries lists CUDAExecutionProvider all the same)."""
+    settings = Settings(device=device, require_gpu=device == "cuda", verify_on_load=False)
+    session = create_sessions({"tiny": tiny_model()}, settings, Path("<tiny model>"))["tiny"]
+    where = {"tiny": placement(session)}
+    check_placement(where, settings, Path("<tiny model>"))
+    x = np.arange(8, dtype=np.float32).reshape(2, 4)
+    y = session.run(None, {"x": x})[0]
+    if not np.array_equal(y, x[:, :2] + x[:, 2:]):
+        raise StartupError(f"the tiny model on {device} computed {y.tolist()}")
+    return f"onnxruntime {ort.__version__} runs a session on {device}: {describe_placement(where)}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m serving.runtime --device-check cuda`: what the venv set-up runs to prove the provider works."""
+    parser = argparse.ArgumentParser(prog="python -m serving.runtime", description=main.__doc__)
+    parser.add_argument("--device-check", choices=["cpu", "cuda"], required=True)
+    args = parser.parse_args(argv)
+    try:
+        print(device_check(args.device_check))
+    except StartupError as exc:
+        print(f"device check failed: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -25,7 +25,7 @@ from serving.protos import grpc_service_pb2 as pb
 from serving.protos.pool import POOL
 from serving.receipts import ReceiptKey
 from serving.repository import ModelRepository
-from serving.runtime import CUDA
+from serving.runtime import CUDA, check_device
 from serving.servicer import FeedbackServicer, InferenceServicer, ServerState, add_inference_service
 
 log = logging.getLogger(__name__)
@@ -73,6 +73,7 @@ class InferenceServer:
                 ("grpc.max_connection_age_ms", int(s.max_connection_age_s * 1000)),
                 ("grpc.max_connection_age_grace_ms", int(s.max_connection_age_grace_s * 1000)),
             ]
+        check_device(s)  # a CUDA that cannot be fails here, before the port opens
         server = grpc.aio.server(options=options)
         receipts = ReceiptKey.from_file(s.receipt_key_file, s.receipt_max_age_s)
         feedback = Feedback(receipts, ReceiptLedger(s.feedback_capacity, s.receipt_max_age_s), self.repository.loaded)
@@ -109,10 +110,10 @@ class InferenceServer:
         # The models, modules and protobuf descriptors loaded by now live as long as the process: the garbage
         # collector stops scanning them on every collection the request path triggers.
         gc.freeze()
-        providers = {mv.provider for mv in self.repository.versions()}
         metrics.GPU_REQUIRED.set(1 if s.require_gpu else 0)
-        if s.require_gpu and providers != {CUDA}:
-            raise StartupError(f"--require-gpu: CUDA is not active (execution providers in use: {providers})")
+        placed = {p for mv in self.repository.versions() for where in mv.model.placement.values() for p in where}
+        if s.require_gpu and placed != {CUDA}:  # each version checked its own at load: this is the whole server
+            raise StartupError(f"--require-gpu: CUDA is not active (nodes run on: {', '.join(sorted(placed))})")
         for mv in self.repository.versions():
             await self.health.set(mv.name, SERVING)
         await self._set_health(SERVING)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 
@@ -344,7 +345,11 @@ def model_config(mv: ModelVersion, settings: Settings) -> mc.ModelConfig:
                 kind=mc.ModelInstanceGroup.KIND_GPU if "CUDA" in mv.provider else mc.ModelInstanceGroup.KIND_CPU,
             )
         ],
-        parameters={"execution_provider": mc.ModelParameter(string_value=mv.provider)},
+        parameters={
+            "execution_provider": mc.ModelParameter(string_value=mv.provider),
+            # Where onnxruntime runs every node, per input type: {"FP32": {"CPUExecutionProvider": ["Gemm", ...]}}.
+            "node_placement": mc.ModelParameter(string_value=json.dumps(mv.model.placement, sort_keys=True)),
+        },
     )
 
 

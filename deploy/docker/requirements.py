@@ -22,6 +22,8 @@ DISTRIBUTIONS = {"cpu": "onnxruntime", "cuda": "onnxruntime-gpu"}
 # onnxruntime.preload_dlls()), so the machine needs only the NVIDIA driver. The GPU image uses
 # `--onnxruntime onnxruntime-gpu` instead: its base image already has CUDA and cuDNN.
 DEVICE_REQUIREMENT = {"cpu": "onnxruntime", "cuda": "onnxruntime-gpu[cuda,cudnn]"}
+# ... with those CUDA wheels pinned by pyproject.toml's `cuda` extra (onnxruntime-gpu's extras leave them open).
+DEVICE_EXTRAS = {"cpu": [], "cuda": ["cuda"]}
 
 
 def requirement_name(requirement: str) -> str:
@@ -117,6 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.device:
         device, why = choose_device(args.device)
         onnxruntime = DEVICE_REQUIREMENT[device]
+        args.extra += DEVICE_EXTRAS[device]
         print(f"onnxruntime distribution: {onnxruntime} ({why}; override with DEVICE=cpu|cuda)", file=sys.stderr)
         if args.print_device:
             print(device)

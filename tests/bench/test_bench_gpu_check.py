@@ -69,7 +69,12 @@ def test_rehearsal_on_cpu_over_grpc_serves_through_io_binding_like_cpu(trained_r
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     report = json.loads((tmp_path / "latest.json").read_text())
     compared = {c["name"]: c for c in report["server"]["comparisons"]}
-    assert compared["server over gRPC FP32 vs CPU"]["ok"] and compared["server over gRPC UINT8 vs CPU"]["ok"]
+    assert compared["server (default) over gRPC FP32 vs CPU"]["ok"]
+    assert compared["server (default) over gRPC UINT8 vs CPU"]["ok"]
+    checked = {c["check"]: c for c in report["checks"]}
+    placement = checked["server (default) ModelConfig node_placement: every node on CPUExecutionProvider"]
+    assert placement["ok"] and "FP32: CPUExecutionProvider Gemm x2, Relu, Softmax" in placement["detail"]
+    assert checked["model without a CUDA kernel: placement names its Scaler"]["ok"]
     labels = [r["label"] for r in report["server"]["grpc"]]
     assert labels == [
         "closed c=1 batch=1 FP32", "closed c=64 batch=1 FP32", "closed c=8 batch=1024 UINT8",

@@ -103,6 +103,7 @@ def test_cli_prints_the_choice_and_the_gpu_set():
     )
     # With the CUDA 13 runtime and cuDNN as pip wheels: no system CUDA needed, only the driver.
     assert "onnxruntime-gpu[cuda,cudnn]==" in done.stdout and "onnxruntime==" not in done.stdout
+    assert "nvidia-cublas==" in done.stdout and "nvidia-cuda-runtime==13.0." in done.stdout
     assert "onnxruntime distribution: onnxruntime-gpu[cuda,cudnn] (DEVICE=cuda" in done.stderr
 
 
@@ -149,7 +150,7 @@ def _resolve(requirements: list[str], tmp_path: Path) -> dict[str, str]:
 @pytest.mark.parametrize(
     ("extras", "onnxruntime"),
     [
-        (EVERYTHING, reqs.DEVICE_REQUIREMENT["cuda"]),  # `make venv` / `make test` on a GPU machine
+        (EVERYTHING + reqs.DEVICE_EXTRAS["cuda"], reqs.DEVICE_REQUIREMENT["cuda"]),  # `make venv` on a GPU machine
         (["serve"], "onnxruntime-gpu"),  # the GPU serving image (serving.Dockerfile; CUDA from its base image)
     ],
     ids=["make-venv-cuda", "gpu-image"],
@@ -167,3 +168,6 @@ def test_the_gpu_sets_resolve_without_conflicts(extras, onnxruntime, tmp_path):
     assert all(resolved[name] == v for name, v in pinned.items()), "pip picked another version of a pin"
     if "cuda" in onnxruntime:  # the CUDA runtime and cuDNN come as wheels: no system CUDA needed
         assert {"nvidia-cuda-runtime", "nvidia-cudnn-cu13", "nvidia-cublas"} <= set(resolved), sorted(resolved)
+        # ... every one of them pinned (cuBLAS and nvJitLink arrive only as dependencies of other wheels)
+        unpinned = sorted(name for name in resolved if name.startswith("nvidia-") and name not in pinned)
+        assert not unpinned, f"CUDA wheels pip chose the version of: {unpinned}"

@@ -67,7 +67,16 @@ CASES = {
     "gRPC port in use": (None, ["--grpc-port", "{port}"], 1, r"start-up failed: cannot listen on 127.0.0.1:\d+"),
     "metrics port in use": (None, ["--metrics-port", "{port}"], 1, r"cannot serve metrics on 127.0.0.1:\d+: .*in use"),
     "--require-gpu without a GPU": (
-        None, ["--require-gpu"], 1, r"start-up failed: --require-gpu: CUDA is not active .*CPUExecutionProvider",
+        None, ["--require-gpu"], 1,
+        r"start-up failed: --require-gpu: CUDA is not active: .* has no CUDAExecutionProvider \(providers: .*CPU",
+    ),
+    "--device cuda without a GPU": (
+        None, ["--device", "cuda"], 1,
+        r"start-up failed: --device cuda: CUDA is not active: .* has no CUDAExecutionProvider \(providers: .*CPU",
+    ),
+    "--require-gpu with --device cpu": (
+        None, ["--require-gpu", "--device", "cpu"], 1,
+        r"start-up failed: --require-gpu: CUDA is not active: --device cpu chooses the CPU provider",
     ),
     "invalid setting": (None, ["--max-batch-size", "0"], 2, r"error: --max-batch-size: Input should be greater"),
     "TLS cert without key": (None, ["--tls-cert", "/nonexistent.pem"], 2, r"error: tls_cert and tls_key must be"),
@@ -84,7 +93,7 @@ CASES = {
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_startup_fault_exits_non_zero_with_one_clear_line(case, repository, tmp_path, active_provider):
-    if case == "--require-gpu without a GPU" and active_provider == CUDA:
+    if case.endswith("without a GPU") and active_provider == CUDA:
         pytest.skip("CUDA is active here: test_require_gpu_with_cuda_active serves instead")
     change, flags, expected_code, line = CASES[case]
     if change is not None:

@@ -426,6 +426,6 @@ def test_model_config_reports_the_instance_count():
     from serving.protos import model_config_pb2 as mc
     from serving.servicer import model_config
 
-    mv = SimpleNamespace(name="mnist", provider="CPUExecutionProvider")
+    mv = SimpleNamespace(name="mnist", provider="CPUExecutionProvider", model=SimpleNamespace(placement={}))
     config = model_config(mv, Settings(instance_count=3, model_repository="unused"))
     assert [(g.count, g.kind) for g in config.instance_group] == [(3, mc.ModelInstanceGroup.KIND_CPU)]

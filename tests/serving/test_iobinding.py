@@ -10,7 +10,7 @@ import pytest
 
 from serving.config import Settings, bucket_sizes, parse_args
 from serving.iobinding import BoundSession, bucket_for, host_buffer
-from serving.runtime import CPU, CUDA, OnnxModel, requested_providers, uses_io_binding
+from serving.runtime import CPU, CUDA, OnnxModel, uses_io_binding
 from training.data import to_model_input
 
 
@@ -41,17 +41,6 @@ def test_io_binding_is_on_for_cuda_or_when_asked():
     assert not uses_io_binding(Settings(io_binding="off"), CUDA)
     assert uses_io_binding(Settings(io_binding="off", cuda_graphs=True), CUDA)  # graphs need bound buffers
     assert not uses_io_binding(Settings(cuda_graphs=True), CPU)
-
-
-def test_cuda_provider_options_for_graphs_and_require_gpu(monkeypatch):
-    import onnxruntime as ort
-
-    monkeypatch.setattr(ort, "get_available_providers", lambda: [CUDA, CPU])
-    assert requested_providers(Settings(cuda_device_id=1)) == [(CUDA, {"device_id": 1}), CPU]
-    assert requested_providers(Settings(cuda_graphs=True)) == [(CUDA, {"device_id": 0, "enable_cuda_graph": "1"}), CPU]
-    assert requested_providers(Settings(device="cpu", cuda_graphs=True)) == [CPU]
-    # --require-gpu: no CPU provider at all (and OnnxModel disables CPU fallback for single nodes).
-    assert requested_providers(Settings(require_gpu=True)) == [(CUDA, {"device_id": 0})]
 
 
 def test_host_buffers_are_page_aligned_and_cuda_graphs_need_cuda(trained_repository):

@@ -58,6 +58,23 @@ def test_the_provider_really_in_use_is_reported(triton, server, active_provider)
     assert f"loaded model mnist version 1 on {active_provider}" in server.log()
 
 
+def test_node_placement_is_reported_in_config_and_metrics(triton, server, active_provider):
+    """Where onnxruntime put every node, per input type, from its own assignment record (not get_providers())."""
+    params = triton.get_model_config("mnist").config.parameters
+    placement = json.loads(params["node_placement"].string_value)
+    assert placement == {
+        "FP32": {active_provider: ["Gemm", "Gemm", "Relu", "Softmax"]},
+        "UINT8": {active_provider: ["Cast", "Div", "Gemm", "Gemm", "Relu", "Softmax"]},
+    }
+    text = server.metrics()
+    for input_type, nodes in (("FP32", 4), ("UINT8", 6)):
+        series = (
+            f'mnist_serving_execution_nodes{{input="{input_type}",model="mnist",provider="{active_provider}",'
+            f'version="1"}} {nodes:.1f}'
+        )
+        assert series in text
+
+
 @pytest.mark.parametrize("raw", [True, False], ids=["raw", "typed"])
 @pytest.mark.parametrize("datatype", ["FP32", "UINT8"])
 @pytest.mark.parametrize("batch", [1, 256])
