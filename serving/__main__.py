@@ -1,9 +1,8 @@
-"""`python -m serving`: parse flags/environment into Settings and run the server."""
+"""`python -m serving`: the server process (serving.lifecycle)."""
 
 import sys
 
-from serving.config import parse_args
-from serving.server import run
+from serving.lifecycle import main
 
 if __name__ == "__main__":
-    sys.exit(run(parse_args()))
+    sys.exit(main())

@@ -12,7 +12,7 @@ import grpc
 import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from serving.config import IMAGE_PIXELS
+from serving.contract import IMAGE_PIXELS, PIXEL_SCALE, TestSetError, read_test_set
 from serving.protos import feedback_pb2
 from serving.protos import grpc_service_pb2 as pb
 from serving.protos import grpc_service_pb2_grpc as pb_grpc
@@ -50,7 +50,7 @@ def infer_request(
 ) -> pb.ModelInferRequest:
     """A ModelInferRequest for uint8 images (N,28,28) or (N,784), sent raw as UINT8 or FP32."""
     flat = images.reshape(images.shape[0], IMAGE_PIXELS)
-    raw = flat.astype(np.uint8) if datatype == "UINT8" else flat.astype("<f4") / np.float32(255.0)
+    raw = flat.astype(np.uint8) if datatype == "UINT8" else flat.astype("<f4") / np.float32(PIXEL_SCALE)
     return pb.ModelInferRequest(
         model_name=model,
         model_version=version,
@@ -147,10 +147,12 @@ def cmd_predict(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
-    from training.data import load_mnist
-
-    data = load_mnist(args.data_dir)
-    x, y = data.x_test[: args.limit], data.y_test[: args.limit]
+    try:
+        x, y = read_test_set(args.data_dir)
+    except TestSetError as exc:
+        _say(f"error: {exc}")
+        return 2
+    x, y = x[: args.limit], y[: args.limit]
     stub = pb_grpc.GRPCInferenceServiceStub(_channel(args))
     requests = [
         infer_request(x[lo : lo + args.batch_size], args.model, args.model_version, args.datatype, request_id=str(lo))

@@ -7,14 +7,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from serving import wire
+from serving import contract, wire
 from serving.config import IMAGE_PIXELS, NUM_CLASSES
 from serving.errors import InvalidInput
 from serving.protos import feedback_pb2
 from serving.protos import grpc_service_pb2 as pb
 
-INPUT_NAME = "input"
-PROBABILITIES = "probabilities"
+INPUT_NAME = contract.INPUT_NAME
+PROBABILITIES = contract.OUTPUT_NAME
 PREDICTED_CLASS = "predicted_class"
 OUTPUT_NAMES = (PROBABILITIES, PREDICTED_CLASS)
 RECEIPT = "receipt"  # response parameter: the signed receipt that FeedbackService/SendFeedback takes

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
+from serving.contract import TestSetError, read_test_set, to_model_input
+
 log = logging.getLogger(__name__)
 
 # A golden-set score this far below a version's recorded test_accuracy means the model or its provider is broken.
@@ -29,18 +31,12 @@ class GoldenSet:
 @functools.cache
 def load_golden_set(data_dir: Path, size: int) -> GoldenSet | None:
     """The golden set from the local MNIST cache, or None (with a warning) if it cannot be read."""
-    from training.data import CACHE_NAME, DatasetError, load_mnist, to_model_input
-
-    cache = Path(data_dir) / CACHE_NAME
-    if not cache.is_file():  # load_mnist would download: never at serving time
-        log.warning("no MNIST cache at %s (run `make data`): no load-time accuracy check, no canary", cache)
-        return None
     try:
-        data = load_mnist(data_dir)
-    except (DatasetError, OSError, ValueError) as exc:
-        log.warning("cannot read the MNIST cache in %s: %s", data_dir, exc)
+        x_test, y_test = read_test_set(data_dir)
+    except TestSetError as exc:
+        log.warning("%s: no load-time accuracy check, no canary", exc)
         return None
-    images, labels = to_model_input(data.x_test[:size]), data.y_test[:size].astype(np.int64)
+    images, labels = to_model_input(x_test[:size]), y_test[:size]
     images.setflags(write=False)
     labels.setflags(write=False)
     return GoldenSet(images, labels)

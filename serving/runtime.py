@@ -12,10 +12,10 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from serving.config import IMAGE_PIXELS, NUM_CLASSES, Settings
+from serving.config import Settings
+from serving.contract import IMAGE_PIXELS, NUM_CLASSES, PIXEL_SCALE
 from serving.errors import StartupError
 from serving.iobinding import BoundSession
-from training.data import PIXEL_SCALE
 
 log = logging.getLogger(__name__)
 

@@ -3,12 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import gc
 import logging
-import os
 import signal
-import sys
 import time
 
 import grpc
@@ -41,7 +38,6 @@ NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 REFUSE_QUIET_S = 0.25
 # ... but never longer than this (a client without a retry policy would keep calling).
 REFUSE_MAX_S = 2.0
-_M_ARENA_MAX = -8  # glibc malloc.h
 
 
 class InferenceServer:
@@ -217,46 +213,3 @@ async def serve(settings: Settings) -> None:
     )  # fmt: skip
     await server.stop(delay=delay)
     log.info("stopped")
-
-
-def limit_malloc_arenas(arenas: int) -> None:
-    """Cap glibc's malloc arenas (before threads start) unless MALLOC_ARENA_MAX is set; 0 leaves the default.
-
-    NOTE: gRPC, onnxruntime and the batcher allocate request-sized buffers from several threads; each thread's
-    arena keeps what it freed, so a burst of large requests is held several times over (measured in
-    docs/reliability.md). Unlike a fixed MALLOC_MMAP_THRESHOLD_, this costs no measurable throughput."""
-    if not arenas or "MALLOC_ARENA_MAX" in os.environ or not sys.platform.startswith("linux"):
-        return
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:  # not glibc (e.g. musl): nothing to tune
-        return
-    libc.mallopt(_M_ARENA_MAX, arenas)
-
-
-def run(settings: Settings) -> int:
-    """Process entry point: returns the exit code (0 after a clean drain, 1 on a start-up fault)."""
-    logging.basicConfig(
-        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(process)d %(name)s: %(message)s"
-    )
-    limit_malloc_arenas(settings.malloc_arena_max)
-    if settings.workers > 1:
-        from serving.workers import run_workers
-
-        return run_workers(settings)
-    if settings.metrics_port:
-        try:
-            metrics.start_metrics_server(settings.metrics_port, settings.host)
-        except OSError as exc:
-            log.error("cannot serve metrics on %s:%d: %s", settings.host, settings.metrics_port, exc)
-            return 1
-    try:
-        asyncio.run(serve(settings))
-    except StartupError as exc:
-        log.error("start-up failed: %s", exc)
-        return 1
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(run(Settings()))

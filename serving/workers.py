@@ -1,8 +1,8 @@
-"""Several server processes on one port (SO_REUSEPORT) so Python uses every core; one /metrics for all."""
+"""Several server processes on one port (SO_REUSEPORT) so Python uses every core: what they share, and their
+supervision. The process entry and the /metrics endpoint that merges them are serving.lifecycle's."""
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import multiprocessing
 import os
@@ -10,6 +10,7 @@ import signal
 import socket
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from serving.config import Settings
@@ -23,24 +24,9 @@ def _free_port(host: str) -> int:
         return sock.getsockname()[1]
 
 
-def _child(settings: Settings) -> None:
-    from serving.errors import StartupError
-    from serving.server import limit_malloc_arenas, serve
-
-    limit_malloc_arenas(settings.malloc_arena_max)
-
-    logging.basicConfig(
-        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(process)d %(name)s: %(message)s"
-    )
-    try:
-        asyncio.run(serve(settings))
-    except StartupError as exc:
-        log.error("start-up failed: %s", exc)
-        raise SystemExit(1) from None
-
-
-def run_workers(settings: Settings) -> int:
-    """Start `settings.workers` server processes, serve their merged metrics, forward SIGTERM, reap."""
+def prepare(settings: Settings) -> Settings:
+    """What the workers share, set up before any starts: one port, one metrics directory (in this process's
+    environment, which spawned workers inherit), one receipt key. Returns the workers' settings."""
     port = settings.grpc_port or _free_port(settings.host)
     prom_dir = os.environ.get("PROMETHEUS_MULTIPROC_DIR") or tempfile.mkdtemp(prefix="mnist-serving-prom-")
     Path(prom_dir).mkdir(parents=True, exist_ok=True)
@@ -48,20 +34,25 @@ def run_workers(settings: Settings) -> int:
         stale.unlink()
     # Children are spawned (fresh interpreters), so they create their metrics in multiprocess mode.
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = prom_dir
-    child_settings = settings.model_copy(update={"grpc_port": port})
+    shared = settings.model_copy(update={"grpc_port": port})
     if settings.receipt_key_file is None:
         # One random key for all workers, so a receipt from one verifies in the others.
         fd, key_path = tempfile.mkstemp(prefix="mnist-serving-receipt-key-")
         os.write(fd, os.urandom(32))
         os.close(fd)
-        child_settings.receipt_key_file = Path(key_path)
+        shared.receipt_key_file = Path(key_path)
         log.warning(
             "no --receipt-key-file: the workers share a random receipt key made now; receipts verify only in "
             "this server (not in other replicas, not after a restart)"
         )
-    ctx = multiprocessing.get_context("spawn")
-    children = [ctx.Process(target=_child, args=(child_settings,), name=f"worker-{i}") for i in range(settings.workers)]
+    return shared
 
+
+def supervise(settings: Settings, shared: Settings, target: Callable[[Settings], None]) -> int:
+    """Start `settings.workers` processes running target(shared), forward SIGTERM/SIGINT, reap; the exit code
+    (1 when a worker failed, and then the others are stopped)."""
+    ctx = multiprocessing.get_context("spawn")
+    children = [ctx.Process(target=target, args=(shared,), name=f"worker-{i}") for i in range(settings.workers)]
     stopping = False
 
     def forward(signum, _frame):
@@ -72,19 +63,11 @@ def run_workers(settings: Settings) -> int:
             if child.is_alive():
                 os.kill(child.pid, signum)
 
-    if settings.metrics_port:  # before any worker starts: a port in use is a start-up failure, as with one process
-        from serving.metrics import start_metrics_server
-
-        try:
-            start_metrics_server(settings.metrics_port, settings.host)
-        except OSError as exc:
-            log.error("cannot serve metrics on %s:%d: %s", settings.host, settings.metrics_port, exc)
-            return 1
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
     for child in children:
         child.start()
-    log.info("%d workers on %s:%d (pids %s)", len(children), settings.host, port, [c.pid for c in children])
+    log.info("%d workers on %s:%d (pids %s)", len(children), settings.host, shared.grpc_port, [c.pid for c in children])
 
     from prometheus_client import multiprocess
 
@@ -101,5 +84,5 @@ def run_workers(settings: Settings) -> int:
         if child.exitcode:
             exit_code = 1
     if settings.receipt_key_file is None:
-        child_settings.receipt_key_file.unlink(missing_ok=True)
+        shared.receipt_key_file.unlink(missing_ok=True)
     return exit_code

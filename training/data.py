@@ -19,17 +19,22 @@ from pathlib import Path
 
 import numpy as np
 
+from serving.contract import (  # noqa: F401  (re-exported for training and its callers)
+    CACHE_NAME,
+    IMAGE_PIXELS,
+    IMAGE_SHAPE,
+    NUM_CLASSES,
+    PIXEL_SCALE,
+    TEST_IMAGES,
+    to_model_input,
+)
+
 logger = logging.getLogger("training.data")
 
-IMAGE_SHAPE = (28, 28)
-INPUT_DIM = 28 * 28
-NUM_CLASSES = 10
+# The model contract (shapes, scaling, the cache file) is shared with the server: serving/contract.py.
+INPUT_DIM = IMAGE_PIXELS
 N_TRAIN = 60_000
-N_TEST = 10_000
-# The seed scales uint8 pixels by 1/255; the server must scale the same way.
-PIXEL_SCALE = 255.0
-
-CACHE_NAME = "mnist.npz"
+N_TEST = TEST_IMAGES
 NPZ_KEYS = ("x_train", "y_train", "x_test", "y_test")
 
 # sha256 over x_train | y_train | x_test | y_test raw bytes (see dataset_sha256), computed once on real MNIST.
@@ -77,12 +82,6 @@ class Dataset:
             f"MNIST train {self.x_train.shape} test {self.x_test.shape} uint8, "
             f"train labels {np.bincount(self.y_train, minlength=NUM_CLASSES).tolist()}, sha256 {self.sha256}"
         )
-
-
-def to_model_input(x: np.ndarray) -> np.ndarray:
-    """Flatten uint8 images (N,28,28) or (N,784) to float32 (N,784) scaled to [0,1] like the seed."""
-    x = np.asarray(x)
-    return x.reshape(x.shape[0], INPUT_DIM).astype(np.float32) / np.float32(PIXEL_SCALE)
 
 
 def one_hot(y: np.ndarray, num_classes: int = NUM_CLASSES) -> np.ndarray:

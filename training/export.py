@@ -17,12 +17,11 @@ from typing import Any
 
 import numpy as np
 
+from serving.contract import INPUT_NAME, OUTPUT_NAME
 from training.data import INPUT_DIM, NUM_CLASSES, Dataset, one_hot, to_model_input
 
 logger = logging.getLogger("training.export")
 
-INPUT_NAME = "input"
-OUTPUT_NAME = "probabilities"
 BATCH_DIM = "batch"
 OPSET = 17
 PLATFORM = "onnxruntime_onnx"

@@ -124,7 +124,7 @@ def test_a_bad_certificate_and_key_pair_is_a_clear_start_up_failure(trained_repo
     assert "Traceback" not in log, log
     port = server.grpc_port
     assert (
-        f"ERROR {server.proc.pid} serving.server: start-up failed: cannot listen on 127.0.0.1:{port} with TLS "
+        f"ERROR {server.proc.pid} serving.lifecycle: start-up failed: cannot listen on 127.0.0.1:{port} with TLS "
         in (errors[-1])
     ), log
     assert "(are --tls-cert/--tls-key a PEM certificate and its private key?)" in errors[-1], log
