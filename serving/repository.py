@@ -447,12 +447,17 @@ class ModelRepository:
                 if scope is not None and name not in scope:
                     continue
                 if name in refused:  # roll back: what this call loaded goes, what was served stays
-                    gone, why = added.get(name, []), "rolled back: another version of this load failed"
+                    gone = added.get(name, [])
                 else:
                     gone = [v for v in loaded if v not in wanted.get(name, set())]
-                    why = "removed from the repository or version policy"
                 for version in gone:
                     mv = loaded.pop(version)
+                    if name in refused:
+                        why = "rolled back: another version of this load failed"
+                    elif version not in found.get(name, {}):
+                        why = "removed from the repository"
+                    else:
+                        why = f"version policy: {mv.settings.version_policy.partition(':')[0]}"
                     log.info("unloading model %s version %d (%s)", name, version, why)
                     await mv.unload()
                 if not loaded:
