@@ -84,7 +84,7 @@ class InferenceServer:
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         services = (INFERENCE_SERVICE, FEEDBACK_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME)
         reflection.enable_server_reflection(services, server, pool=POOL)
-        address = f"{s.host}:{s.grpc_port}"
+        address = f"[{s.host}]:{s.grpc_port}" if ":" in s.host else f"{s.host}:{s.grpc_port}"  # IPv6 in brackets
         tls = ""
         if s.tls_cert is not None:
             try:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 import time
 from dataclasses import dataclass
 
@@ -15,7 +16,8 @@ from rel_harness import CLIENT_OPTIONS, infer_ok, metric_value, report, shifted_
 from server_process import start_server
 from tritonclient.utils import InferenceServerException
 
-from serving.client import infer_request, probabilities
+from bench.common import ChildServer, free_port, serving_cmd
+from serving.client import infer_request, main, probabilities
 from serving.protos import grpc_service_pb2_grpc as pb_grpc
 
 pytestmark = pytest.mark.slow
@@ -191,3 +193,76 @@ def test_an_unloaded_model_is_not_found_and_reloads(repository, tmp_path, refere
     assert gone.value.details() == "unknown model 'mnist' (models: none)"
     assert unknown.status() == "StatusCode.NOT_FOUND"
     assert not ready
+
+
+# ---------------------------------------------------------------- every replica behind one DNS name
+
+
+class _V6Server(ChildServer):
+    """A server child bound to ::1 (ChildServer's own target is 127.0.0.1)."""
+
+    @property
+    def target(self) -> str:
+        return f"[::1]:{self.port}"
+
+
+def _replica_name(port: int, monkeypatch) -> str:
+    """A name resolving to both 127.0.0.1 and ::1, as a headless Service resolves to its pods. `localhost` where it
+    does (many /etc/hosts list both); else a made-up name whose answer is supplied in this process's resolver, the
+    one stand-in here: the servers, the connections and the calls are real."""
+    if {a[4][0] for a in socket.getaddrinfo("localhost", port, type=socket.SOCK_STREAM)} >= {"127.0.0.1", "::1"}:
+        return "localhost"
+    real = socket.getaddrinfo
+
+    def resolve(host, *args, **kw):
+        if host != "replicas.test":
+            return real(host, *args, **kw)
+        return real("127.0.0.1", *args, **kw) + real("::1", *args, **kw)
+
+    monkeypatch.setattr(socket, "getaddrinfo", resolve)
+    return "replicas.test"
+
+
+def test_all_replicas_reaches_every_address_of_the_name(repository, tmp_path, reference, capsys, monkeypatch):
+    try:
+        socket.socket(socket.AF_INET6).close()
+    except OSError:
+        pytest.skip("no IPv6 loopback: two replicas on one port need 127.0.0.1 and ::1")
+    port = free_port()
+    flags = ("--model-control-mode", "explicit", "--model-control-header", f"{HEADER[0]}={HEADER[1]}")
+    children = [
+        cls("serving", serving_cmd(repository, port, 0, "--host", host, *flags), port, tmp_path / f"{name}.log")
+        for cls, host, name in ((ChildServer, "127.0.0.1", "v4"), (_V6Server, "::1", "v6"))
+    ]
+    name = _replica_name(port, monkeypatch)
+    target = f"dns:///{name}:{port}"
+    try:
+        for child in children:
+            child.start()
+        for child in children:
+            child.wait_serving(60)
+        assert main(["unload", "--all-replicas", target, "--header", "x-model-control=guess"]) == 2
+        refused = capsys.readouterr().out
+        assert main(["load", "--all-replicas", target, "--header", f"{HEADER[0]}={HEADER[1]}"]) == 0
+        loaded = capsys.readouterr().out
+        answers = [infer_ok(_Target(child.target), reference.images[:4]) for child in children]
+        assert main(["unload", "--all-replicas", target, "--header", f"{HEADER[0]}={HEADER[1]}"]) == 0
+        unloaded = capsys.readouterr().out
+        assert main(["index", "--all-replicas", target]) == 0
+        index = capsys.readouterr().out
+    finally:
+        for child in children:
+            child.stop()
+    replicas = [f"127.0.0.1:{port}", f"[::1]:{port}"]
+    assert [line.split(": ")[0] for line in loaded.splitlines()[:2]] == replicas
+    assert loaded.splitlines()[2] == f"2 of 2 replicas behind {target} OK"
+    assert all(f"{r}: load mnist: OK" in loaded for r in replicas)
+    assert refused.count("error: PERMISSION_DENIED") == 2 and "0 of 2 replicas" in refused
+    assert all(version == "1" and reference.check(0, 4, probs) for probs, version in answers)
+    assert all(f"{r}: unload mnist: OK" in unloaded for r in replicas)
+    assert all(f"{r}: index: mnist/- UNAVAILABLE" in index for r in replicas), index
+
+
+@dataclass
+class _Target:
+    url: str

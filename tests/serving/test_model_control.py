@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 import shutil
+import socket
 
 import grpc
 import pytest
 from tritonclient.utils import InferenceServerException
 
+from serving.client import load_request, replica_targets
 from serving.config import Settings, parse_args
 from serving.errors import InvalidInput, ModelControlOff, PermissionDenied
 from serving.model_control import ModelControl, load_options, model_settings, write_files
@@ -155,3 +157,28 @@ def test_load_and_unload_are_off_by_default(triton):
         assert "--model-control-mode explicit" in err.value.message()
     index = triton.get_model_repository_index(as_json=True)
     assert index["models"] == [{"name": "mnist", "version": "1", "state": "READY"}]
+
+
+def test_replica_targets_are_every_address_of_the_name():
+    assert replica_targets("dns:///127.0.0.1:8001") == ["127.0.0.1:8001"]
+    assert replica_targets("localhost:8001") == sorted(
+        {f"[{a[4][0]}]:8001" if ":" in a[4][0] else f"{a[4][0]}:8001" for a in socket.getaddrinfo("localhost", 8001)},
+        key=lambda t: (t.startswith("["), t),
+    )
+    assert replica_targets("[::1]:8001") == ["[::1]:8001"]
+    for bad, fragment in (
+        ("dns://10.0.0.10/svc:8001", "DNS server"),
+        ("svc", "not dns:///name:port"),
+        ("svc:x", "not"),
+    ):
+        with pytest.raises(ValueError, match=fragment):
+            replica_targets(bad)
+
+
+def test_load_request_carries_config_and_files(tmp_path):
+    (tmp_path / "m.onnx").write_bytes(b"onnx")
+    request = load_request("mnist", "{}", [f"2/model.onnx={tmp_path / 'm.onnx'}"])
+    assert request.parameters["config"].string_param == "{}"
+    assert request.parameters["file:2/model.onnx"].bytes_param == b"onnx"
+    with pytest.raises(ValueError, match="expected <version>/<name>=<local path>"):
+        load_request("mnist", "{}", ["2/model.onnx"])
