@@ -8,20 +8,22 @@ import socket
 
 import grpc
 import pytest
+from server_process import ROOT as REPO_ROOT
 from tritonclient.utils import InferenceServerException
 
 from serving.client import load_request, replica_targets
 from serving.config import Settings, parse_args
-from serving.errors import InvalidInput, ModelControlOff, PermissionDenied
-from serving.model_control import ModelControl, load_options, model_settings, write_files
+from serving.errors import InvalidInput, ModelControlOff, ModelLoadFailed, ModelNotFound, PermissionDenied, StartupError
+from serving.model_control import LoadOptions, ModelControl, load_options, model_settings, write_files
 from serving.protos import grpc_service_pb2 as pb
-from serving.repository import ModelRepository, scan
+from serving.repository import IndexEntry, ModelRepository, scan
 
 HEADER = "x-model-control=s3cret"
 
 
 def explicit(**kw) -> Settings:
-    return Settings(model_repository="unused", model_control_mode="explicit", model_control_header=HEADER, **kw)
+    kw.setdefault("model_repository", "unused")
+    return Settings(model_control_mode="explicit", model_control_header=HEADER, **kw)
 
 
 def test_the_poll_interval_alone_still_means_poll_mode():
@@ -182,3 +184,43 @@ def test_load_request_carries_config_and_files(tmp_path):
     assert request.parameters["file:2/model.onnx"].bytes_param == b"onnx"
     with pytest.raises(ValueError, match="expected <version>/<name>=<local path>"):
         load_request("mnist", "{}", ["2/model.onnx"])
+
+
+# ---------------------------------------------------------------- in process, with the real model
+
+
+def _repository(trained_repository, **kw) -> ModelRepository:
+    return ModelRepository(explicit(model_repository=trained_repository, data_dir=REPO_ROOT / "data", **kw))
+
+
+async def test_explicit_start_loads_only_the_named_models(trained_repository):
+    with pytest.raises(StartupError, match=r"--load-model: no <model>/<version>/model.onnx .* for \['digits'\]"):
+        await _repository(trained_repository, load_model=["digits"]).load_all()
+    empty = _repository(trained_repository)
+    await empty.load_all()
+    assert not empty.ready and empty.index() == [IndexEntry("mnist", "", "")]
+    with pytest.raises(ModelNotFound, match="unknown model 'mnist' \\(models: none\\)"):
+        empty.get("mnist")
+
+
+async def test_a_load_is_all_or_nothing(trained_repository):
+    """Version 3 loads, version 2 of the same load fails: 3 is unloaded again and 1 serves as before."""
+    repository = _repository(trained_repository, load_model=["mnist"], version_policy="latest:2")
+    await repository.load_all()
+    control = ModelControl(repository, repository.settings)
+    onnx = (trained_repository / "mnist" / "1" / "model.onnx").read_bytes()
+    files = {"3/model.onnx": onnx, "2/model.onnx": b"not a model"}
+    try:
+        with pytest.raises(ModelLoadFailed, match="version 2: cannot load.*still serving versions: 1$"):
+            await control.load("mnist", LoadOptions(config="{}", files=files))
+        served = sorted(repository.models["mnist"])
+        uploads_left = dict(control.uploads)
+        await control.load("mnist", LoadOptions(config="{}", files={"3/model.onnx": onnx}))
+        after = sorted(repository.models["mnist"])
+    finally:
+        for mv in repository.versions():
+            await mv.unload()
+        control.close()
+    assert served == [1] and uploads_left == {}
+    assert after == [3]  # files are the whole model, as in Triton: version 1 (on disk) is not part of it
+    assert repository.index() == [IndexEntry("mnist", "3", "READY")]
