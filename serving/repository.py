@@ -386,13 +386,14 @@ class ModelRepository:
             self.failed = {k: v for k, v in self.failed.items() if k[0] != name}
             self.unloaded.add(name)
 
-    def index(self) -> list[IndexEntry]:
+    async def index(self) -> list[IndexEntry]:
         """Every model the server knows, on disk or loaded, with each version's state and the reason."""
+        on_disk = await asyncio.to_thread(self.on_disk)  # the loaded state is read on the loop, the disk off it
         entries = [IndexEntry(mv.name, mv.version, "READY") for mv in self.versions()]
         entries += [IndexEntry(n, str(v), "UNAVAILABLE", why) for (n, v), why in sorted(self.failed.items())]
         entries += [IndexEntry(n, "", "LOADING") for n in sorted(self.loading) if n not in self.models]
         listed = {e.name for e in entries}
-        for name in sorted((set(self.on_disk()) | self.unloaded) - listed):
+        for name in sorted((set(on_disk) | self.unloaded) - listed):
             reason = "unloaded" if name in self.unloaded else ""
             entries.append(IndexEntry(name, "", "UNAVAILABLE" if reason else "", reason))
         return entries

@@ -198,7 +198,7 @@ async def test_explicit_start_loads_only_the_named_models(trained_repository):
         await _repository(trained_repository, load_model=["digits"]).load_all()
     empty = _repository(trained_repository)
     await empty.load_all()
-    assert not empty.ready and empty.index() == [IndexEntry("mnist", "", "")]
+    assert not empty.ready and await empty.index() == [IndexEntry("mnist", "", "")]
     with pytest.raises(ModelNotFound, match="unknown model 'mnist' \\(models: none\\)"):
         empty.get("mnist")
 
@@ -223,4 +223,4 @@ async def test_a_load_is_all_or_nothing(trained_repository):
         control.close()
     assert served == [1] and uploads_left == {}
     assert after == [3]  # files are the whole model, as in Triton: version 1 (on disk) is not part of it
-    assert repository.index() == [IndexEntry("mnist", "3", "READY")]
+    assert await repository.index() == [IndexEntry("mnist", "3", "READY")]
