@@ -1,11 +1,15 @@
-"""Command-line client: `predict` PNG files, `evaluate` the MNIST test set over gRPC, `health`."""
+"""Command-line client: `predict` PNG files, `evaluate` the MNIST test set over gRPC, `health`; `load`, `unload` and
+`index` of models (explicit model control), on one server or on every replica behind a DNS name."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import socket
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
@@ -215,6 +219,97 @@ def cmd_health(args) -> int:
     return 0 if status == health_pb2.HealthCheckResponse.SERVING else 1
 
 
+def replica_targets(target: str) -> list[str]:
+    """Every address `target` resolves to, as host:port targets. `dns:///name:port` (or `name:port`) of a headless
+    Service resolves to one address per ready pod: each replica is then called on its own."""
+    name = target
+    if name.startswith("dns:"):
+        authority, _, rest = name.removeprefix("dns:").removeprefix("//").rpartition("/")
+        if authority:
+            raise ValueError(f"'{target}': a DNS server in the target is not supported; use dns:///name:port")
+        name = rest
+    host, sep, port = name.rpartition(":")
+    host = host.removeprefix("[").removesuffix("]")
+    if not sep or not host or not port.isdigit():
+        raise ValueError(f"'{target}' is not dns:///name:port or name:port")
+    try:
+        infos = socket.getaddrinfo(host, int(port), type=socket.SOCK_STREAM)
+    except socket.gaierror as exc:
+        raise ValueError(f"cannot resolve '{host}': {exc}") from None
+    addresses = sorted({info[4][0] for info in infos}, key=lambda a: (":" in a, a))
+    return [f"[{a}]:{port}" if ":" in a else f"{a}:{port}" for a in addresses]
+
+
+def control_metadata(header: str) -> list[tuple[str, str]]:
+    """The model-control header ('name=value', as the server's --model-control-header) as gRPC metadata."""
+    if not header:
+        return []
+    name, sep, value = header.partition("=")
+    if not sep:
+        raise ValueError("--header must be name=value")
+    return [(name.strip().lower(), value)]
+
+
+def load_request(model: str, config: str | None, files: list[str]) -> pb.RepositoryModelLoadRequest:
+    """RepositoryModelLoad as Triton's clients send it: `config` JSON and `file:<version>/<name>` bytes."""
+    request = pb.RepositoryModelLoadRequest(model_name=model)
+    if config is not None:
+        request.parameters["config"].string_param = Path(config[1:]).read_text() if config.startswith("@") else config
+    for spec in files:
+        name, sep, path = spec.partition("=")
+        if not sep:
+            raise ValueError(f"--file '{spec}': expected <version>/<name>=<local path>, e.g. 2/model.onnx=model.onnx")
+        request.parameters[f"file:{name}"].bytes_param = Path(path).read_bytes()
+    return request
+
+
+def _replica_call(args, target: str, method: str, request, host: str) -> str:
+    options = [
+        ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+        ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ]
+    if args.tls_ca:
+        # Certificates name the Service, not each pod's address.
+        creds = grpc.ssl_channel_credentials(Path(args.tls_ca).read_bytes())
+        channel = grpc.secure_channel(target, creds, options=options + [("grpc.ssl_target_name_override", host)])
+    else:
+        channel = grpc.insecure_channel(target, options=options)
+    with channel:
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        reply = getattr(stub, method)(request, metadata=control_metadata(args.header), timeout=args.timeout)
+    if method == "RepositoryIndex":
+        return ", ".join(f"{m.name}/{m.version or '-'} {m.state or '(not loaded)'}" for m in reply.models) or "empty"
+    return "OK"
+
+
+def cmd_control(args) -> int:
+    """load / unload / index on --url, or with --all-replicas on every address the target resolves to."""
+    target = args.all_replicas or args.url
+    if args.command == "load":
+        method, request = "RepositoryModelLoad", load_request(args.model, args.config, args.file)
+    elif args.command == "unload":
+        method, request = "RepositoryModelUnload", pb.RepositoryModelUnloadRequest(model_name=args.model)
+    else:
+        method, request = "RepositoryIndex", pb.RepositoryIndexRequest()
+    replicas = replica_targets(target) if args.all_replicas else [target]
+    host = target.removeprefix("dns:").lstrip("/").rpartition(":")[0].strip("[]")
+
+    def call(replica: str) -> tuple[str, str | None]:
+        try:
+            return replica, _replica_call(args, replica, method, request, host)
+        except grpc.RpcError as exc:
+            return replica, f"error: {exc.code().name}: {exc.details()}"
+
+    with ThreadPoolExecutor(max_workers=min(16, len(replicas) or 1)) as pool:
+        results = list(pool.map(call, replicas))
+    for replica, outcome in results:
+        _say(f"{replica}: {args.command} {args.model if method != 'RepositoryIndex' else ''}".rstrip() + f": {outcome}")
+    failed = sum(outcome.startswith("error:") for _, outcome in results)
+    if args.all_replicas:
+        _say(f"{len(results) - failed} of {len(results)} replicas behind {target} OK")
+    return 2 if failed or not results else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m serving.client", description=__doc__)
     parser.add_argument(
@@ -246,9 +341,38 @@ def main(argv: list[str] | None = None) -> int:
     h = sub.add_parser("health", help="grpc.health.v1 check; exit 0 when SERVING")
     h.add_argument("--service", default="", help="'' (server), liveness, or a model name")
     h.set_defaults(func=cmd_health)
+    for command, text in (
+        ("load", "load or reload --model (explicit model control), optionally with a config and files"),
+        ("unload", "unload --model once its queued requests are answered (explicit model control)"),
+        ("index", "RepositoryIndex: every model with its state and reason"),
+    ):
+        c = sub.add_parser(command, help=text)
+        c.add_argument(
+            "--all-replicas",
+            metavar="TARGET",
+            help="call every replica: each address TARGET resolves to (dns:///<headless service>:8001), "
+            "one result line each; exit 0 only if every replica succeeded",
+        )
+        c.add_argument(
+            "--header",
+            default=os.environ.get("MODEL_CONTROL_HEADER", ""),
+            help="name=value the server requires (its --model-control-header; default: $MODEL_CONTROL_HEADER)",
+        )
+        if command == "load":
+            c.add_argument("--config", help="the model's settings as a Triton ModelConfig in JSON (or @file)")
+            c.add_argument(
+                "--file",
+                action="append",
+                default=[],
+                help="<version>/<name>=<local path> sent as file:<version>/<name> (needs --config); repeatable",
+            )
+        c.set_defaults(func=cmd_control)
     args = parser.parse_args(argv)
     try:
         return args.func(args)
+    except ValueError as exc:
+        sys.stderr.write(f"error: {exc}\n")
+        return 2
     except grpc.RpcError as exc:
         if hasattr(exc, "code"):
             sys.stderr.write(f"error: {exc.code().name}: {exc.details()}\n")

@@ -12,10 +12,18 @@ from serving.config import IMAGE_PIXELS, NUM_CLASSES
 from serving.errors import InvalidInput
 from serving.protos import feedback_pb2
 from serving.protos import grpc_service_pb2 as pb
+from serving.protos import model_config_pb2 as mc
 
 INPUT_NAME = contract.INPUT_NAME
 PROBABILITIES = contract.OUTPUT_NAME
 PREDICTED_CLASS = "predicted_class"
+# The interface every version serves, as Triton's ModelConfig states it (batch dimension implicit).
+PLATFORM = "onnxruntime_onnx"
+MODEL_INPUTS = (mc.ModelInput(name=INPUT_NAME, data_type=mc.TYPE_FP32, dims=[IMAGE_PIXELS]),)
+MODEL_OUTPUTS = (
+    mc.ModelOutput(name=PROBABILITIES, data_type=mc.TYPE_FP32, dims=[NUM_CLASSES]),
+    mc.ModelOutput(name=PREDICTED_CLASS, data_type=mc.TYPE_INT64, dims=[1]),
+)
 OUTPUT_NAMES = (PROBABILITIES, PREDICTED_CLASS)
 RECEIPT = "receipt"  # response parameter: the signed receipt that FeedbackService/SendFeedback takes
 ACCEPTED_SHAPES = f"[N,{IMAGE_PIXELS}] or [N,28,28]"

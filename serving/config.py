@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import re
 from pathlib import Path
 from typing import Literal
 
@@ -13,6 +14,9 @@ from serving.contract import IMAGE_PIXELS, NUM_CLASSES  # noqa: F401  (re-export
 
 # Room for the request envelope (names, shapes, parameters) beside the tensor bytes.
 _MESSAGE_OVERHEAD_BYTES = 1 << 20
+# Poll mode's rescan period when none is given (Triton's --repository-poll-secs default).
+DEFAULT_POLL_INTERVAL_S = 15.0
+_HEADER_NAME = re.compile(r"[a-z0-9][a-z0-9._-]*")
 
 
 class Settings(BaseSettings):
@@ -106,8 +110,29 @@ class Settings(BaseSettings):
         "latest:2",
         description="Versions to serve per model: 'latest:N' (the newest N that load), 'all', or 'specific:1,3'.",
     )
+    model_name: str = Field(
+        "",
+        description="Serve a single-model layout (version folders, or one model.onnx, directly under "
+        "model_repository, as KServe's storage initializer leaves it) under this name; a repository keeps its names.",
+    )
+    model_control_mode: Literal["none", "poll", "explicit"] = Field(
+        "none",
+        description="What changes the served models after start (Triton's names): none; poll (rescan the "
+        "repository every model_poll_interval_s); explicit (RepositoryModelLoad/Unload over gRPC).",
+    )
     model_poll_interval_s: float = Field(
-        0.0, ge=0, description="Rescan the repository for new/removed versions this often (0: never)."
+        0.0,
+        ge=0,
+        description=f"Poll mode's rescan period (0: {DEFAULT_POLL_INTERVAL_S:g}); set alone, it implies poll mode.",
+    )
+    load_model: list[str] = Field(
+        [],
+        description="Explicit mode: a model to load at start (repeatable; '*' loads every model).",
+    )
+    model_control_header: str = Field(
+        "",
+        description="Explicit mode: 'name=value' a caller must send as gRPC metadata to load or unload "
+        "(required; others get PERMISSION_DENIED).",
     )
     canary_interval_s: float = Field(
         0.0, ge=0, description="Evaluate the golden set through the live model this often (0: off)."
@@ -148,10 +173,26 @@ class Settings(BaseSettings):
         bucket_sizes(self.batch_buckets, self.max_batch_size)  # a bad list fails here, naming the flag
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ValueError("tls_cert and tls_key must be given together")
+        self._derive_model_control()
         if self.cuda_graphs and self.instance_count > 1:
             # onnxruntime keeps CUDA graphs per thread and runs a graph-capturing session from one thread only.
             raise ValueError("cuda_graphs needs instance_count 1 (CUDA graphs are captured and replayed per thread)")
         return self
+
+    def _derive_model_control(self) -> None:
+        if self.model_control_mode == "none" and self.model_poll_interval_s:
+            self.model_control_mode = "poll"  # the interval alone meant polling before the mode existed
+        if self.model_control_mode == "poll" and not self.model_poll_interval_s:
+            self.model_poll_interval_s = DEFAULT_POLL_INTERVAL_S
+        if self.model_control_mode != "explicit":
+            if self.load_model or self.model_control_header:
+                raise ValueError("load_model and model_control_header need model_control_mode explicit")
+            return
+        if self.model_poll_interval_s:
+            raise ValueError("model_poll_interval_s polls the repository: it needs model_control_mode poll")
+        if self.workers > 1:
+            raise ValueError("model_control_mode explicit needs workers 1 (a load would reach one worker only)")
+        parse_control_header(self.model_control_header)  # required and well-formed
 
     @property
     def buckets(self) -> tuple[int, ...]:
@@ -168,6 +209,18 @@ def bucket_sizes(spec: str, max_batch_size: int) -> tuple[int, ...]:
     if any(size < 1 for size in sizes):
         raise ValueError(f"batch_buckets must be positive, got {spec!r}")
     return tuple(sorted(size for size in sizes if size < max_batch_size)) + (max_batch_size,)
+
+
+def parse_control_header(spec: str) -> tuple[str, str]:
+    """'name=value' -> (name, value): the gRPC metadata a model-control caller must send."""
+    name, sep, value = spec.partition("=")
+    name = name.strip().lower()
+    if not sep or not value or not _HEADER_NAME.fullmatch(name) or name.startswith("grpc-") or name.endswith("-bin"):
+        raise ValueError(
+            "model_control_header must be 'name=value' (a lowercase metadata name, not grpc-* or *-bin, and a "
+            "non-empty value): explicit model control is only open to callers that send it"
+        )
+    return name, value
 
 
 def parse_version_policy(text: str) -> tuple[str, tuple[int, ...]]:
@@ -196,6 +249,8 @@ def parse_args(argv: list[str] | None = None) -> Settings:
         flag = "--" + name.replace("_", "-")
         if field.annotation is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=field.description)
+        elif field.annotation == list[str]:
+            parser.add_argument(flag, action="append", default=None, help=f"{field.description} (default: none)")
         else:
             parser.add_argument(flag, default=None, help=f"{field.description} (default: {field.default})")
     given = {k: v for k, v in vars(parser.parse_args(argv)).items() if v is not None}

@@ -59,6 +59,22 @@ class DeadlineExceeded(ServingError):
     code = grpc.StatusCode.DEADLINE_EXCEEDED
 
 
+class PermissionDenied(ServingError):
+    code = grpc.StatusCode.PERMISSION_DENIED
+
+
+class ModelControlOff(ServingError):
+    """A load or unload while the server does not take them (model control mode none or poll)."""
+
+    code = grpc.StatusCode.FAILED_PRECONDITION
+
+
+class ModelLoadFailed(ServingError):
+    """A well-formed load whose model was tried and refused (unreadable, wrong accuracy): nothing changed."""
+
+    code = grpc.StatusCode.FAILED_PRECONDITION
+
+
 class StartupError(Exception):
     """The server cannot start (bad repository, port in use, GPU required but absent): exit non-zero."""
 

@@ -14,7 +14,7 @@ import numpy as np
 from serving import metrics
 from serving.batcher import Batcher
 from serving.config import NUM_CLASSES, Settings, parse_version_policy
-from serving.errors import ModelNotFound, ModelNotReady, StartupError
+from serving.errors import ModelLoadFailed, ModelNotFound, ModelNotReady, StartupError
 from serving.feedback import AccuracyWindow
 from serving.golden import TOLERANCE, accuracy, load_golden_set, short_of_recorded
 from serving.runtime import OnnxModel
@@ -68,6 +68,7 @@ class ModelVersion:
     def __init__(self, name: str, version: int, directory: Path, settings: Settings) -> None:
         started = time.perf_counter()
         self.name, self.version, self.directory = name, str(version), directory
+        self.settings = settings
         self.metadata = _read_metadata(directory)
         self.model = OnnxModel(directory / "model.onnx", settings)
         self.provider = self.model.provider
@@ -218,8 +219,17 @@ def _is_version(name: str) -> bool:
     return name.isascii() and name.isdigit()
 
 
-def scan(root: Path) -> dict[str, dict[int, Path]]:
-    """Version directories on disk: integer-named folders holding a model.onnx (others are ignored)."""
+def scan(root: Path, single_name: str = "") -> dict[str, dict[int, Path]]:
+    """Version directories on disk: integer-named folders holding a model.onnx (others are ignored).
+
+    With `single_name`, a root that is itself one model (version folders, or a bare model.onnx as version 1: what
+    KServe's storage initializer leaves in /mnt/models) is that model; a repository keeps its own names."""
+    if single_name:
+        versions = versions_in(root)
+        if not versions and (root / "model.onnx").is_file():
+            versions = {1: root}
+        if versions:
+            return {single_name: versions}
     found: dict[str, dict[int, Path]] = {}
     for model_dir in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
         try:
@@ -233,6 +243,31 @@ def scan(root: Path) -> dict[str, dict[int, Path]]:
     return found
 
 
+def versions_in(model_dir: Path) -> dict[int, Path]:
+    """One model's version folders: integer-named folders holding a model.onnx."""
+    return {int(v.name): v for v in model_dir.iterdir() if _is_version(v.name) and (v / "model.onnx").is_file()}
+
+
+def policy_candidates(versions: dict[int, Path], settings: Settings) -> tuple[list[int], int]:
+    """The versions the version policy may serve, newest first ('latest:N' keeps the newest N that load), and
+    how many of them to serve."""
+    kind, numbers = parse_version_policy(settings.version_policy)
+    candidates = sorted(versions, reverse=True)
+    if kind == "specific":
+        candidates = [v for v in candidates if v in numbers]
+    return candidates, numbers[0] if kind == "latest" else len(candidates)
+
+
+@dataclass(frozen=True, slots=True)
+class IndexEntry:
+    """One line of RepositoryIndex: a model version (or a model without one) and its state."""
+
+    name: str
+    version: str
+    state: str  # READY, LOADING, UNAVAILABLE, or "" for a model on disk that was never asked for
+    reason: str = ""
+
+
 class ModelRepository:
     """The loaded versions of every model; lookups for the request path; reloads for hot-swap."""
 
@@ -241,6 +276,11 @@ class ModelRepository:
         self.root = settings.model_repository
         self.models: dict[str, dict[int, ModelVersion]] = {}
         self.failed: dict[tuple[str, int], str] = {}
+        # Explicit model control: per-model settings given with a load, models being loaded, models unloaded.
+        self.model_settings: dict[str, Settings] = {}
+        self.loading: set[str] = set()
+        self.unloaded: set[str] = set()
+        self.started = False  # the start-up load is over: an unknown model is NOT_FOUND, not "not loaded yet"
         self._lock = asyncio.Lock()
 
     @property
@@ -259,7 +299,9 @@ class ModelRepository:
         versions = self.models.get(name)
         if not versions:
             known = ", ".join(sorted(self.models)) or "none"
-            if self.root.joinpath(name).is_dir() and not self.ready:
+            if name in self.loading:
+                raise ModelNotReady(f"model '{name}' is being loaded")
+            if not self.started and self.root.joinpath(name).is_dir():
                 raise ModelNotReady(f"model '{name}' is not loaded yet")
             raise ModelNotFound(f"unknown model '{name}' (models: {known})")
         if not version:
@@ -269,31 +311,112 @@ class ModelRepository:
             raise ModelNotFound(f"model '{name}' has no version '{version}' (versions: {have})")
         return versions[int(version)]
 
+    def on_disk(self) -> dict[str, dict[int, Path]]:
+        """The models and versions in the repository now (see scan)."""
+        return scan(self.root, self.settings.model_name) if self.root.is_dir() else {}
+
+    def settings_for(self, name: str) -> Settings:
+        """The settings a model's versions load with: the server's, or those given with its explicit load."""
+        return self.model_settings.get(name, self.settings)
+
     async def load_all(self) -> None:
-        """Start-up load: every version on disk; fails only if nothing at all can be served."""
+        """Start-up load: every version on disk (explicit mode: of the --load-model models only); fails only if
+        nothing at all can be served, or (explicit mode) a model asked for is missing or cannot be served."""
         if not self.root.is_dir():
             raise StartupError(f"model repository '{self.root}' does not exist (train first: make train)")
-        found = scan(self.root)
+        found = self.on_disk()
+        if self.settings.model_control_mode == "explicit":
+            await self._load_named(found, self.settings.load_model)
+            return
         if not found:
             raise StartupError(f"model repository '{self.root}' has no <model>/<version>/model.onnx")
         await self._sync(found)
         if not self.ready:
             raise StartupError(f"no model version in '{self.root}' could be loaded: {self.failed}")
+        self.started = True
+
+    async def _load_named(self, found: dict[str, dict[int, Path]], names: list[str]) -> None:
+        wanted = set(found) if "*" in names else set(names)
+        missing = sorted(wanted - set(found))
+        if missing:
+            raise StartupError(f"--load-model: no <model>/<version>/model.onnx in '{self.root}' for {missing}")
+        await self._sync({name: found[name] for name in wanted}, scope=wanted)
+        not_served = sorted(wanted - set(self.models))
+        if not_served:
+            raise StartupError(f"--load-model: no version of {not_served} could be loaded: {self.failed}")
+        self.started = True
 
     async def rescan(self) -> None:
         """Load versions that appeared, unload versions that disappeared (hot-swap)."""
         if self.root.is_dir():
-            await self._sync(scan(self.root))
+            await self._sync(self.on_disk())
 
-    async def _sync(self, found: dict[str, dict[int, Path]]) -> None:
-        kind, numbers = parse_version_policy(self.settings.version_policy)
+    async def load(self, name: str, versions: dict[int, Path], settings: Settings | None = None) -> None:
+        """Explicit load of one model from `versions` (its folders on disk, or files sent with the load), with
+        `settings` (None: the server's): new versions load and are verified as at start-up, then replace what
+        the version policy no longer wants (drained first). All or nothing: if a version fails, every version
+        loaded by this call is unloaded again, the model serves what it served before, and ModelLoadFailed."""
+        if not policy_candidates(versions, settings or self.settings)[0]:
+            have = ", ".join(str(v) for v in sorted(versions)) or "none"
+            policy = (settings or self.settings).version_policy
+            raise ModelLoadFailed(f"model '{name}': no version to serve under policy {policy} (versions: {have})")
+        self.loading.add(name)
+        try:
+            # An explicit load retries versions that failed before (the caller may have fixed them).
+            self.failed = {k: v for k, v in self.failed.items() if k[0] != name}
+            failures = await self._sync({name: versions}, scope={name}, atomic=True, settings={name: settings})
+        finally:
+            self.loading.discard(name)
+        if failures:
+            serving = ", ".join(str(v) for v in sorted(self.models.get(name, {}), reverse=True)) or "none"
+            why = "; ".join(f"version {v}: {reason}" for (_, v), reason in sorted(failures.items()))
+            raise ModelLoadFailed(f"model '{name}' was not loaded ({why}); still serving versions: {serving}")
+        self.unloaded.discard(name)
+
+    async def unload(self, name: str) -> None:
+        """Explicit unload: new requests for the model get NOT_FOUND at once; what is queued is answered first."""
+        async with self._lock:
+            loaded = self.models.pop(name, None)
+            if loaded is None and name not in self.on_disk() and name not in self.unloaded:
+                raise ModelNotFound(f"unknown model '{name}' (models: {', '.join(sorted(self.models)) or 'none'})")
+            for version, mv in sorted((loaded or {}).items()):
+                log.info("unloading model %s version %d (RepositoryModelUnload)", name, version)
+                await mv.unload()
+            self.model_settings.pop(name, None)
+            self.failed = {k: v for k, v in self.failed.items() if k[0] != name}
+            self.unloaded.add(name)
+
+    async def index(self) -> list[IndexEntry]:
+        """Every model the server knows, on disk or loaded, with each version's state and the reason."""
+        on_disk = await asyncio.to_thread(self.on_disk)  # the loaded state is read on the loop, the disk off it
+        entries = [IndexEntry(mv.name, mv.version, "READY") for mv in self.versions()]
+        entries += [IndexEntry(n, str(v), "UNAVAILABLE", why) for (n, v), why in sorted(self.failed.items())]
+        entries += [IndexEntry(n, "", "LOADING") for n in sorted(self.loading) if n not in self.models]
+        listed = {e.name for e in entries}
+        for name in sorted((set(on_disk) | self.unloaded) - listed):
+            reason = "unloaded" if name in self.unloaded else ""
+            entries.append(IndexEntry(name, "", "UNAVAILABLE" if reason else "", reason))
+        return entries
+
+    async def _sync(
+        self,
+        found: dict[str, dict[int, Path]],
+        scope: set[str] | None = None,
+        atomic: bool = False,
+        settings: dict[str, Settings | None] | None = None,
+    ) -> dict[tuple[str, int], str]:
+        """Load what `found` and the version policy want, unload the rest, for the models in `scope` (None:
+        every model). `settings` replaces models' settings (a None value: back to the server's) once they load.
+        `atomic`: a model with a failed version gets back exactly what it served before. Returns the versions
+        that failed in this call."""
+        settings = settings or {}
         async with self._lock:
             wanted: dict[str, set[int]] = {}
+            failures: dict[tuple[str, int], str] = {}
+            added: dict[str, list[int]] = {}
             for name, versions in found.items():
-                candidates = sorted(versions, reverse=True)  # newest first: 'latest:N' keeps the newest that load
-                if kind == "specific":
-                    candidates = [v for v in candidates if v in numbers]
-                limit = numbers[0] if kind == "latest" else len(candidates)
+                model_settings = (settings[name] or self.settings) if name in settings else self.settings_for(name)
+                candidates, limit = policy_candidates(versions, model_settings)
                 keep = wanted.setdefault(name, set())
                 for version in candidates:
                     if len(keep) >= limit:
@@ -305,24 +428,49 @@ class ModelRepository:
                     if (name, version) in self.failed:
                         continue
                     try:
-                        mv = await asyncio.to_thread(ModelVersion, name, version, versions[version], self.settings)
+                        mv = await asyncio.to_thread(ModelVersion, name, version, versions[version], model_settings)
                     except Exception as exc:  # one bad version must not take the good ones down
-                        self.failed[(name, version)] = str(exc)
+                        self.failed[(name, version)] = failures[(name, version)] = str(exc)
                         metrics.MODEL_LOAD_FAILURES.labels(name).inc()
                         log.error("model %s version %d rejected: %s", name, version, exc)
+                        if atomic:
+                            break
                         continue
                     self.models.setdefault(name, {})[version] = mv
+                    added.setdefault(name, []).append(version)
                     keep.add(version)
                     log.info(
                         "loaded model %s version %d on %s in %.2fs (offline accuracy %s)",
                         name, version, mv.provider, mv.load_seconds, mv.metadata.get("test_accuracy", "n/a"),
                     )  # fmt: skip
+            refused = {name for name, _ in failures} if atomic else set()
             for name, loaded in list(self.models.items()):
-                for version in [v for v in loaded if v not in wanted.get(name, set())]:
+                if scope is not None and name not in scope:
+                    continue
+                if name in refused:  # roll back: what this call loaded goes, what was served stays
+                    gone = added.get(name, [])
+                else:
+                    gone = [v for v in loaded if v not in wanted.get(name, set())]
+                for version in gone:
                     mv = loaded.pop(version)
-                    why = "removed from the repository" if version not in found.get(name, {}) else "version policy"
-                    log.info("unloading model %s version %d (%s: %s)", name, version, why, kind)
+                    if name in refused:
+                        why = "rolled back: another version of this load failed"
+                    elif version not in found.get(name, {}):
+                        why = "removed from the repository"
+                    else:
+                        why = f"version policy: {mv.settings.version_policy.partition(':')[0]}"
+                    log.info("unloading model %s version %d (%s)", name, version, why)
                     await mv.unload()
                 if not loaded:
                     del self.models[name]
-            self.failed = {k: v for k, v in self.failed.items() if k[1] in found.get(k[0], {})}
+            for name, given in settings.items():
+                if name not in refused and given is not None:
+                    self.model_settings[name] = given
+                elif name not in refused:
+                    self.model_settings.pop(name, None)
+            self.failed = {
+                k: v
+                for k, v in self.failed.items()
+                if (scope is not None and k[0] not in scope) or k[1] in found.get(k[0], {})
+            }
+            return failures

@@ -17,6 +17,7 @@ from serving.canary import Canary
 from serving.config import Settings
 from serving.errors import StartupError
 from serving.feedback import Feedback, ReceiptLedger
+from serving.model_control import ModelControl
 from serving.protos import feedback_pb2, feedback_pb2_grpc
 from serving.protos import grpc_service_pb2 as pb
 from serving.protos.pool import POOL
@@ -47,6 +48,7 @@ class InferenceServer:
         self.settings = settings
         self.state = ServerState()
         self.repository = ModelRepository(settings)
+        self.control = ModelControl(self.repository, settings, self._model_changed)
         self.health = health.aio.HealthServicer()
         self.port: int | None = None
         self._server: grpc.aio.Server | None = None
@@ -73,12 +75,13 @@ class InferenceServer:
         server = grpc.aio.server(options=options)
         receipts = ReceiptKey.from_file(s.receipt_key_file, s.receipt_max_age_s)
         feedback = Feedback(receipts, ReceiptLedger(s.feedback_capacity, s.receipt_max_age_s), self.repository.loaded)
-        add_inference_service(InferenceServicer(self.repository, s, self.state, receipts), server)
+        servicer = InferenceServicer(self.repository, s, self.state, receipts, self.control)
+        add_inference_service(servicer, server)
         feedback_pb2_grpc.add_FeedbackServiceServicer_to_server(FeedbackServicer(feedback), server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         services = (INFERENCE_SERVICE, FEEDBACK_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME)
         reflection.enable_server_reflection(services, server, pool=POOL)
-        address = f"{s.host}:{s.grpc_port}"
+        address = f"[{s.host}]:{s.grpc_port}" if ":" in s.host else f"{s.host}:{s.grpc_port}"  # IPv6 in brackets
         tls = ""
         if s.tls_cert is not None:
             try:
@@ -113,7 +116,7 @@ class InferenceServer:
         for mv in self.repository.versions():
             await self.health.set(mv.name, SERVING)
         await self._set_health(SERVING)
-        if s.model_poll_interval_s:
+        if s.model_control_mode == "poll":
             self._poller = asyncio.create_task(self._poll_repository())
         if s.canary_interval_s:
             self._canary = asyncio.create_task(Canary(self.repository, s).run())
@@ -134,9 +137,14 @@ class InferenceServer:
                 before = set(self.repository.models)
                 await self.repository.rescan()
                 for name in set(self.repository.models) | before:
-                    await self.health.set(name, SERVING if name in self.repository.models else NOT_SERVING)
+                    await self._model_changed(name)
             except Exception:
                 log.exception("repository rescan failed; serving what is loaded")
+
+    async def _model_changed(self, name: str) -> None:
+        """A model was loaded, unloaded or refused: its health follows (its metrics follow its versions)."""
+        serving = name in self.repository.models and not self.state.draining
+        await self.health.set(name, SERVING if serving else NOT_SERVING)
 
     async def stop(self, grace: float | None = None, delay: float | None = None) -> None:
         """Drain so that clients see no error: NOT_SERVING but still answering for `delay` (balancers and
@@ -175,6 +183,7 @@ class InferenceServer:
             log.info("drained: answered_during_drain=%d", self._answered() - answered_before)
         for mv in self.repository.versions():
             mv.batcher.close()
+        self.control.close()
 
     def _answered(self) -> int:
         return sum(mv.stats.success.count for mv in self.repository.versions())

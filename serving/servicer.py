@@ -15,6 +15,7 @@ from serving.config import IMAGE_PIXELS, NUM_CLASSES, Settings
 from serving.errors import InvalidInput, Overloaded, ServerDraining, grpc_errors, status_of
 from serving.feedback import Feedback
 from serving.metrics import IN_FLIGHT
+from serving.model_control import ModelControl, load_options
 from serving.protos import feedback_pb2, feedback_pb2_grpc
 from serving.protos import grpc_service_pb2 as pb
 from serving.protos import grpc_service_pb2_grpc as pb_grpc
@@ -26,7 +27,7 @@ log = logging.getLogger(__name__)
 
 SERVER_NAME = "mnist-serving"
 EXTENSIONS = ("model_configuration", "statistics", "model_repository", "parameters")
-PLATFORM = "onnxruntime_onnx"
+PLATFORM = codec.PLATFORM
 _INPUT_META = pb.ModelMetadataResponse.TensorMetadata(name=codec.INPUT_NAME, datatype="FP32", shape=(-1, IMAGE_PIXELS))
 _OUTPUT_META = (
     pb.ModelMetadataResponse.TensorMetadata(name=codec.PROBABILITIES, datatype="FP32", shape=(-1, NUM_CLASSES)),
@@ -56,9 +57,15 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     """`inference.GRPCInferenceService`, as Triton and KServe define it."""
 
     def __init__(
-        self, repository: ModelRepository, settings: Settings, state: ServerState, receipts: ReceiptKey
+        self,
+        repository: ModelRepository,
+        settings: Settings,
+        state: ServerState,
+        receipts: ReceiptKey,
+        control: ModelControl | None = None,
     ) -> None:
         self.repository = repository
+        self.control = control or ModelControl(repository, settings)
         self.settings = settings
         self.state = state
         self.receipts = receipts
@@ -99,7 +106,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     @grpc_errors
     async def ModelConfig(self, request, context):
         mv = self.repository.get(request.name, request.version)
-        return pb.ModelConfigResponse(config=model_config(mv, self.settings))
+        return pb.ModelConfigResponse(config=model_config(mv, mv.settings))
 
     @grpc_errors
     async def ModelStatistics(self, request, context):
@@ -111,16 +118,26 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     @grpc_errors
     async def RepositoryIndex(self, request, context):
-        models = [
-            pb.RepositoryIndexResponse.ModelIndex(name=mv.name, version=mv.version, state="READY")
-            for mv in self.repository.versions()
-        ]
-        if not request.ready:
-            models += [
-                pb.RepositoryIndexResponse.ModelIndex(name=n, version=str(v), state="UNAVAILABLE", reason=why)
-                for (n, v), why in self.repository.failed.items()
+        entries = await self.repository.index()
+        return pb.RepositoryIndexResponse(
+            models=[
+                pb.RepositoryIndexResponse.ModelIndex(name=e.name, version=e.version, state=e.state, reason=e.reason)
+                for e in entries
+                if e.state == "READY" or not request.ready
             ]
-        return pb.RepositoryIndexResponse(models=models)
+        )
+
+    @grpc_errors
+    async def RepositoryModelLoad(self, request, context):
+        self.control.authorize(context.invocation_metadata())
+        await self.control.load(request.model_name, load_options(request.parameters))
+        return pb.RepositoryModelLoadResponse()
+
+    @grpc_errors
+    async def RepositoryModelUnload(self, request, context):
+        self.control.authorize(context.invocation_metadata())
+        await self.control.unload(request.model_name)
+        return pb.RepositoryModelUnloadResponse()
 
     @grpc_errors
     async def ModelInfer(self, requests, context):
@@ -180,7 +197,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 mv.on_shed("inflight_bytes")
                 raise
             size = received.nbytes
-            decoded = codec.decode_infer_request(request, self.settings.max_batch_size, received.raw)
+            decoded = codec.decode_infer_request(request, mv.settings.max_batch_size, received.raw)
             decoded_at = time.perf_counter()
             answer = await mv.batcher.infer(decoded.images, deadline, wait=stream)
             answered_at = time.perf_counter()
@@ -333,11 +350,8 @@ def model_config(mv: ModelVersion, settings: Settings) -> mc.ModelConfig:
         platform=PLATFORM,
         backend="onnxruntime",
         max_batch_size=settings.max_batch_size,
-        input=[mc.ModelInput(name=codec.INPUT_NAME, data_type=mc.TYPE_FP32, dims=[IMAGE_PIXELS])],
-        output=[
-            mc.ModelOutput(name=codec.PROBABILITIES, data_type=mc.TYPE_FP32, dims=[NUM_CLASSES]),
-            mc.ModelOutput(name=codec.PREDICTED_CLASS, data_type=mc.TYPE_INT64, dims=[1]),
-        ],
+        input=codec.MODEL_INPUTS,
+        output=codec.MODEL_OUTPUTS,
         dynamic_batching=mc.ModelDynamicBatching(max_queue_delay_microseconds=settings.max_queue_delay_us),
         instance_group=[
             mc.ModelInstanceGroup(

@@ -25,6 +25,9 @@ RULES_TEST = DEPLOY / "prometheus" / "rules_test.yml"
 PROMETHEUS_CONFIG = DEPLOY / "prometheus" / "prometheus.yml"
 DASHBOARD = DEPLOY / "grafana" / "dashboard.json"
 ADAPTER_VALUES = K8S / "prometheus-adapter" / "values.yaml"
+KSERVE = DEPLOY / "kserve"
+# KServe's CRDs, vendored unchanged (tests/deploy/kserve/README.md): their openAPIV3Schemas validate deploy/kserve/.
+KSERVE_CRDS = Path(__file__).resolve().parent / "kserve"
 
 # The Kubernetes version whose schemas (shipped by kubernetes-validate) the objects must satisfy. 1.33 has
 # native gRPC probes (GA 1.27), the preStop sleep action (1.30) and PDB unhealthyPodEvictionPolicy (1.31).
@@ -97,9 +100,13 @@ def find_object(objects: list[dict], kind: str, name: str | None = None) -> dict
 
 
 def validate_object(obj: dict, version: str = KUBERNETES_VERSION) -> None:
-    """Strict schema validation (unknown fields rejected); custom resources by check_custom_resource."""
+    """Strict schema validation (unknown fields rejected); custom resources by check_custom_resource, KServe's by
+    its vendored CRDs (validate_with_crd)."""
     if (obj.get("apiVersion"), obj.get("kind")) in CUSTOM_KINDS:
         check_custom_resource(obj)
+        return
+    if (obj.get("apiVersion"), obj.get("kind")) in crd_schemas():
+        validate_with_crd(obj, version)
         return
     import kubernetes_validate
 
@@ -109,6 +116,61 @@ def validate_object(obj: dict, version: str = KUBERNETES_VERSION) -> None:
         raise CheckError(f"{object_name(obj)}: {e.message} at {'/'.join(map(str, e.path))}") from None
     except kubernetes_validate.SchemaNotFoundError as e:
         raise CheckError(f"{object_name(obj)}: no schema in Kubernetes {version}: {e}") from None
+
+
+@functools.cache
+def crd_schemas(directory: Path = KSERVE_CRDS) -> dict[tuple[str, str], dict]:
+    """(apiVersion, kind) -> the strict openAPIV3Schema of every served version of the CRDs in `directory`."""
+    schemas = {}
+    for path in sorted(directory.glob("*.yaml")):
+        crd = yaml.load(path.read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))  # 2 MB: C if built
+        for version in crd["spec"]["versions"]:
+            if version.get("served"):
+                api_version = f"{crd['spec']['group']}/{version['name']}"
+                schemas[(api_version, crd["spec"]["names"]["kind"])] = _strict(version["schema"]["openAPIV3Schema"])
+    return schemas
+
+
+def _strict(schema):
+    """The schema with unknown fields refused where it lists its properties (as the API server prunes them, and
+    `kubectl apply --validate=strict` refuses them); `x-kubernetes-preserve-unknown-fields` keeps them allowed."""
+    if isinstance(schema, list):
+        return [_strict(s) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {k: _strict(v) for k, v in schema.items()}
+    if (
+        "properties" in out
+        and "additionalProperties" not in out
+        and not out.get("x-kubernetes-preserve-unknown-fields")
+    ):
+        out["additionalProperties"] = False
+    return out
+
+
+def validate_with_crd(obj: dict, version: str = KUBERNETES_VERSION) -> None:
+    """A custom resource against its CRD's schema (strict), and a runtime's containers also as Kubernetes
+    containers (kubernetes-validate, strict): what a cluster with those CRDs would accept."""
+    import jsonschema
+
+    schema = crd_schemas()[(obj["apiVersion"], obj["kind"])]
+    validator = jsonschema.Draft7Validator({**schema, "required": ["apiVersion", "kind", "metadata", "spec"]})
+    errors = sorted(validator.iter_errors(obj), key=lambda e: list(e.absolute_path))
+    if errors:
+        where = "/".join(map(str, errors[0].absolute_path))
+        raise CheckError(f"{object_name(obj)}: {errors[0].message} at {where}")
+    containers = obj["spec"].get("containers")
+    if containers:
+        pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "runtime"}, "spec": {"containers": containers}}
+        try:
+            validate_object(pod, version)
+        except CheckError as e:
+            raise CheckError(f"{object_name(obj)} containers: {e}") from None
+
+
+def kserve_objects(directory: Path = KSERVE) -> list[dict]:
+    """The objects of deploy/kserve/ (plain manifests, no kustomize)."""
+    return [obj for path in sorted(directory.glob("*.yaml")) for obj in yaml.safe_load_all(path.read_text()) if obj]
 
 
 def _require(condition: bool, what: str, obj: dict) -> None:
@@ -432,6 +494,12 @@ def _steps(out_dir: Path | None) -> list[tuple[str, Callable[[], str]]]:
                 count += 1
         return f"{count} objects valid for Kubernetes {KUBERNETES_VERSION} (strict; CRDs by field checks)"
 
+    def kserve() -> str:
+        objects = kserve_objects()
+        for obj in objects:
+            validate_object(obj)
+        return f"deploy/kserve: {', '.join(object_name(o) for o in objects)} valid against KServe's CRDs (strict)"
+
     def rule_copy() -> str:
         for name in ("cpu", "gpu"):
             check_prometheus_rule_matches_rules_file(rendered[name])
@@ -456,6 +524,7 @@ def _steps(out_dir: Path | None) -> list[tuple[str, Callable[[], str]]]:
     return [
         ("kustomize", render_all),
         ("schemas", validate_all),
+        ("kserve", kserve),
         ("copies", rule_copy),
         ("promtool", prom),
         ("metrics", names),

@@ -1,0 +1,213 @@
+"""Explicit model control (Triton's --model-control-mode explicit): who may load and unload, and what a load means."""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import shutil
+import tempfile
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from google.protobuf import json_format
+
+from serving import codec
+from serving.config import Settings, parse_control_header
+from serving.errors import InvalidInput, ModelControlOff, ModelNotFound, PermissionDenied
+from serving.protos import grpc_service_pb2 as pb
+from serving.protos import model_config_pb2 as mc
+from serving.repository import ModelRepository
+
+log = logging.getLogger(__name__)
+
+CONFIG = "config"
+FILE_PREFIX = "file:"
+# The files a load may carry per version (Triton's `file:<version>/<name>`): the model and its metadata.
+VERSION_FILES = ("model.onnx", "metadata.json")
+# ModelConfig fields a load's `config` may set; the others describe the fixed interface or are not served here.
+_SETTABLE = {"name", "platform", "backend", "max_batch_size", "version_policy", "instance_group", "dynamic_batching"}
+_INTERFACE = {"input", "output", "parameters"}
+
+
+@dataclass(frozen=True)
+class LoadOptions:
+    """RepositoryModelLoad's parameters as plain values: the `config` JSON and the `file:` contents by path."""
+
+    config: str | None = None
+    files: dict[str, bytes] = field(default_factory=dict)
+
+
+def load_options(parameters: Mapping[str, pb.ModelRepositoryParameter]) -> LoadOptions:
+    """Read a load's parameters; anything but `config` (a string) and `file:` paths (bytes) is refused."""
+    config, files = None, {}
+    for key, value in parameters.items():
+        kind = value.WhichOneof("parameter_choice")
+        if key == CONFIG and kind == "string_param":
+            config = value.string_param
+        elif key.startswith(FILE_PREFIX) and kind == "bytes_param":
+            files[key.removeprefix(FILE_PREFIX)] = value.bytes_param
+        else:
+            raise InvalidInput(
+                f"unsupported load parameter '{key}' ({kind}): "
+                "use 'config' (string) and 'file:<version>/<name>' (bytes)"
+            )
+    if files and config is None:
+        raise InvalidInput("a load with 'file:' parameters needs the 'config' parameter too (as Triton requires)")
+    return LoadOptions(config, files)
+
+
+def model_settings(name: str, config: str, base: Settings) -> Settings:
+    """The settings a model loads with, from a Triton ModelConfig as JSON (unset fields keep `base`)."""
+    try:
+        parsed = json_format.Parse(config, mc.ModelConfig())
+    except json_format.ParseError as exc:
+        raise InvalidInput(f"'config' is not a ModelConfig in JSON: {exc}") from None
+    given = {f.name for f, _ in parsed.ListFields()}
+    unsupported = sorted(given - _SETTABLE - _INTERFACE)
+    if unsupported:
+        raise InvalidInput(f"'config' sets {unsupported}, not supported here (settable: {sorted(_SETTABLE)})")
+    if parsed.name not in ("", name):
+        raise InvalidInput(f"'config' names model '{parsed.name}', the load is for '{name}'")
+    if parsed.platform not in ("", codec.PLATFORM) or parsed.backend not in ("", "onnxruntime"):
+        raise InvalidInput(f"'config': this server runs platform {codec.PLATFORM} (backend onnxruntime) only")
+    _check_interface(parsed)
+    update: dict = {}
+    if parsed.max_batch_size:
+        if parsed.max_batch_size > base.max_batch_size:
+            raise InvalidInput(
+                f"'config' max_batch_size {parsed.max_batch_size} exceeds the server's {base.max_batch_size} "
+                "(it sizes the gRPC message limit)"
+            )
+        update["max_batch_size"] = parsed.max_batch_size
+    if parsed.HasField("version_policy"):
+        update["version_policy"] = _version_policy(parsed.version_policy)
+    if parsed.instance_group:
+        update["instance_count"] = sum(g.count or 1 for g in parsed.instance_group)
+        if base.cuda_graphs and update["instance_count"] > 1:
+            raise InvalidInput("'config' instance count > 1 with --cuda-graphs (graphs are captured per thread)")
+    if parsed.HasField("dynamic_batching"):
+        update["max_queue_delay_us"] = parsed.dynamic_batching.max_queue_delay_microseconds
+    return base.model_copy(update=update)
+
+
+def _version_policy(policy: mc.ModelVersionPolicy) -> str:
+    kind = policy.WhichOneof("policy_choice")
+    if kind == "latest":
+        if policy.latest.num_versions < 1:
+            raise InvalidInput("'config' version_policy latest needs num_versions >= 1")
+        return f"latest:{policy.latest.num_versions}"
+    if kind == "specific":
+        if not policy.specific.versions or min(policy.specific.versions) < 0:
+            raise InvalidInput("'config' version_policy specific needs versions >= 0")
+        return "specific:" + ",".join(str(v) for v in policy.specific.versions)
+    return "all"
+
+
+def _check_interface(config: mc.ModelConfig) -> None:
+    """Inputs and outputs may be restated (as ModelConfig returns them) but not changed."""
+    pairs = (("input", config.input, codec.MODEL_INPUTS), ("output", config.output, codec.MODEL_OUTPUTS))
+    for what, given, served in pairs:
+        if given and _tensors(given) != _tensors(served):
+            raise InvalidInput(f"'config' {what} differs from the served interface; every version takes input [N,784]")
+
+
+def _tensors(tensors) -> list[tuple[str, int, list[int]]]:
+    return [(t.name, t.data_type, list(t.dims)) for t in tensors]
+
+
+def write_files(name: str, files: Mapping[str, bytes]) -> tuple[Path, dict[int, Path]]:
+    """A load's files in a fresh directory of their own: (directory, its version folders by version)."""
+    paths = {}
+    for path, content in files.items():
+        version, _, filename = path.partition("/")
+        if not (version.isascii() and version.isdigit()) or filename not in VERSION_FILES:
+            expected = f"{FILE_PREFIX}<version>/<{'|'.join(VERSION_FILES)}>"
+            raise InvalidInput(f"file '{FILE_PREFIX}{path}': expected '{expected}'")
+        paths[(int(version), filename)] = content
+    missing = sorted({v for v, _ in paths} - {v for v, f in paths if f == "model.onnx"})
+    if missing:
+        raise InvalidInput(f"the files of version(s) {missing} have no model.onnx")
+    root = Path(tempfile.mkdtemp(prefix=f"model-{name}-"))
+    for (version, filename), content in paths.items():
+        (root / str(version)).mkdir(exist_ok=True)
+        (root / str(version) / filename).write_bytes(content)
+    return root, {version: root / str(version) for version, _ in paths}
+
+
+class ModelControl:
+    """Loads and unloads over gRPC in explicit mode, for callers that send the configured header."""
+
+    def __init__(
+        self,
+        repository: ModelRepository,
+        settings: Settings,
+        on_change: Callable[[str], Awaitable[None]] | None = None,
+    ) -> None:
+        self.repository = repository
+        self.settings = settings
+        self.explicit = settings.model_control_mode == "explicit"
+        self.header = parse_control_header(settings.model_control_header) if self.explicit else None
+        self.on_change = on_change
+        self.uploads: dict[str, Path] = {}  # the directory of the files a model was last loaded from
+
+    def authorize(self, metadata: Iterable[tuple[str, str | bytes]] | None) -> None:
+        """Refuse unless explicit mode is on and the caller sent the header (compared in constant time)."""
+        if not self.explicit:
+            raise ModelControlOff(
+                f"model control mode is {self.settings.model_control_mode}: loads and unloads over gRPC need "
+                "--model-control-mode explicit"
+            )
+        name, value = self.header
+        sent = [v for k, v in metadata or () if k == name and isinstance(v, str)]
+        if not any(hmac.compare_digest(v.encode(), value.encode()) for v in sent):
+            raise PermissionDenied(f"model control needs the '{name}' metadata header with the configured value")
+
+    async def load(self, name: str, options: LoadOptions) -> None:
+        """Load (or reload) `name`: from the repository, or from the load's files; with its `config` if any."""
+        if not name:
+            raise InvalidInput("RepositoryModelLoad needs a model_name")
+        settings = model_settings(name, options.config, self.settings) if options.config is not None else None
+        upload = None
+        if options.files:
+            upload, versions = write_files(name, options.files)
+        else:
+            versions = self.repository.on_disk().get(name)
+            if versions is None:
+                raise ModelNotFound(f"no model '{name}' in the repository '{self.repository.root}'")
+        try:
+            await self.repository.load(name, versions, settings)
+        except BaseException:
+            if upload is not None:
+                shutil.rmtree(upload, ignore_errors=True)
+            raise
+        finally:
+            await self._changed(name)
+        self._replace_upload(name, upload)
+        log.info("loaded model %s (RepositoryModelLoad%s)", name, ", with files" if upload else "")
+
+    async def unload(self, name: str) -> None:
+        """Unload every version of `name` once what is queued for it is answered."""
+        if not name:
+            raise InvalidInput("RepositoryModelUnload needs a model_name")
+        try:
+            await self.repository.unload(name)
+        finally:
+            await self._changed(name)
+        self._replace_upload(name, None)
+        log.info("unloaded model %s (RepositoryModelUnload)", name)
+
+    def close(self) -> None:
+        for name in list(self.uploads):
+            self._replace_upload(name, None)
+
+    def _replace_upload(self, name: str, upload: Path | None) -> None:
+        previous = self.uploads.pop(name, None)
+        if previous is not None:
+            shutil.rmtree(previous, ignore_errors=True)
+        if upload is not None:
+            self.uploads[name] = upload
+
+    async def _changed(self, name: str) -> None:
+        if self.on_change is not None:
+            await self.on_change(name)
