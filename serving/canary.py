@@ -7,7 +7,6 @@ import logging
 
 import numpy as np
 
-from serving import metrics
 from serving.config import Settings
 from serving.golden import GoldenSet, accuracy, load_golden_set, short_of_recorded
 from serving.repository import ModelRepository, ModelVersion
@@ -49,7 +48,7 @@ class Canary:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # overload, a version unloaded mid-run, a failing provider
-                metrics.CANARY_RUNS.labels(mv.name, mv.version, "error").inc()
+                mv.telemetry.canary(None)
                 log.warning("canary run on %s/%s failed: %s", mv.name, mv.version, exc)
         return results
 
@@ -64,8 +63,7 @@ class Canary:
         if mv not in self.repository.versions():  # unloaded meanwhile: do not bring its series back
             return score
         log.debug("canary: %s/%s scores %.4f", mv.name, mv.version, score)
-        metrics.CANARY_ACCURACY.labels(mv.name, mv.version).set(score)
-        metrics.CANARY_RUNS.labels(mv.name, mv.version, "ok").inc()
+        mv.telemetry.canary(score)
         self._report(mv, score)
         return score
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -13,6 +15,9 @@ from serving.errors import InvalidInput
 from serving.protos import feedback_pb2
 from serving.protos import grpc_service_pb2 as pb
 from serving.protos import model_config_pb2 as mc
+
+if TYPE_CHECKING:
+    from serving.repository import ModelVersion
 
 INPUT_NAME = contract.INPUT_NAME
 PROBABILITIES = contract.OUTPUT_NAME
@@ -213,3 +218,46 @@ def decode_feedback_request(request: feedback_pb2.FeedbackRequest) -> DecodedFee
     if bad:
         raise InvalidInput(f"labels must be in 0-{NUM_CLASSES - 1}, got {bad[:5]}")
     return DecodedFeedback(request.receipt, indexes, labels, request.model_name, request.model_version)
+
+
+_INPUT_META = pb.ModelMetadataResponse.TensorMetadata(name=INPUT_NAME, datatype="FP32", shape=(-1, IMAGE_PIXELS))
+_OUTPUT_META = (
+    pb.ModelMetadataResponse.TensorMetadata(name=PROBABILITIES, datatype="FP32", shape=(-1, NUM_CLASSES)),
+    pb.ModelMetadataResponse.TensorMetadata(name=PREDICTED_CLASS, datatype="INT64", shape=(-1, 1)),
+)
+
+
+def model_metadata(mv: ModelVersion, versions: list[int]) -> pb.ModelMetadataResponse:
+    """ModelMetadata for a version; the platform names the provider really running it."""
+    return pb.ModelMetadataResponse(
+        name=mv.name,
+        versions=[str(v) for v in versions],
+        platform=f"{PLATFORM}:{mv.provider}",
+        inputs=[_INPUT_META],
+        outputs=_OUTPUT_META,
+    )
+
+
+def model_config(mv: ModelVersion) -> mc.ModelConfig:
+    """Triton's ModelConfig for a version, with its own settings: batch dimension implicit (max_batch_size > 0)."""
+    settings = mv.settings
+    return mc.ModelConfig(
+        name=mv.name,
+        platform=PLATFORM,
+        backend="onnxruntime",
+        max_batch_size=settings.max_batch_size,
+        input=MODEL_INPUTS,
+        output=MODEL_OUTPUTS,
+        dynamic_batching=mc.ModelDynamicBatching(max_queue_delay_microseconds=settings.max_queue_delay_us),
+        instance_group=[
+            mc.ModelInstanceGroup(
+                count=settings.instance_count,
+                kind=mc.ModelInstanceGroup.KIND_GPU if "CUDA" in mv.provider else mc.ModelInstanceGroup.KIND_CPU,
+            )
+        ],
+        parameters={
+            "execution_provider": mc.ModelParameter(string_value=mv.provider),
+            # Where onnxruntime runs every node, per input type: {"FP32": {"CPUExecutionProvider": ["Gemm", ...]}}.
+            "node_placement": mc.ModelParameter(string_value=json.dumps(mv.model.placement, sort_keys=True)),
+        },
+    )

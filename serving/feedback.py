@@ -5,38 +5,14 @@ from __future__ import annotations
 import heapq
 import math
 import time
-from collections import deque
 from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
 
-from serving import metrics
+from serving import telemetry
 from serving.errors import InvalidReceipt
 from serving.receipts import Receipt, ReceiptKey
-
-
-class AccuracyWindow:
-    """Fraction correct over the last `size` labelled answers."""
-
-    def __init__(self, size: int) -> None:
-        self._outcomes: deque[bool] = deque(maxlen=size)
-        self._correct = 0
-
-    def __len__(self) -> int:
-        return len(self._outcomes)
-
-    def record(self, correct: np.ndarray) -> None:
-        outcomes = self._outcomes
-        for ok in correct.tolist():
-            if len(outcomes) == outcomes.maxlen:
-                self._correct -= outcomes[0]
-            outcomes.append(ok)
-            self._correct += ok
-
-    @property
-    def accuracy(self) -> float:
-        return self._correct / len(self._outcomes) if self._outcomes else float("nan")
 
 
 class ReceiptLedger:
@@ -88,7 +64,7 @@ class ReceiptLedger:
 
 
 class Scorer(Protocol):
-    """A loaded model version's scoring (window and counters), see repository.ModelVersion.score."""
+    """A loaded model version's scoring (window and counters): telemetry.VersionTelemetry.score."""
 
     def score(self, correct: np.ndarray) -> None: ...
 
@@ -98,10 +74,6 @@ class FeedbackResult:
     matched: int  # labels scored now
     correct: int  # of those, the ones the prediction got right
     duplicate: int  # labels already counted for this receipt (not counted again)
-
-
-def count(model: str, version: str, outcome: str, labels: int) -> None:
-    metrics.FEEDBACK.labels(model, version, outcome).inc(labels)
 
 
 class Feedback:
@@ -134,12 +106,12 @@ class Feedback:
                 )
             fresh = self.ledger.claim(receipt, indexes)
         except InvalidReceipt as exc:  # a receipt that did not verify is counted without model and version
-            count(exc.model, exc.version, exc.outcome, len(labels))
+            telemetry.feedback(exc.model, exc.version, exc.outcome, len(labels))
             raise
         keep = np.flatnonzero(fresh)
         duplicate = len(labels) - keep.size
         if duplicate:
-            count(receipt.model, receipt.version, "duplicate", duplicate)
+            telemetry.feedback(receipt.model, receipt.version, "duplicate", duplicate)
         correct = receipt.classes[np.asarray(indexes, dtype=np.int64)[keep]] == np.asarray(labels)[keep]
         if correct.size:
             scorer = self._loaded(receipt.model, receipt.version)
@@ -147,6 +119,6 @@ class Feedback:
                 scorer.score(correct)
             else:  # a version unloaded since it answered still gets its late labels counted
                 right = int(correct.sum())
-                count(receipt.model, receipt.version, "correct", right)
-                count(receipt.model, receipt.version, "incorrect", correct.size - right)
+                telemetry.feedback(receipt.model, receipt.version, "correct", right)
+                telemetry.feedback(receipt.model, receipt.version, "incorrect", correct.size - right)
         return FeedbackResult(int(correct.size), int(correct.sum()), duplicate)

@@ -6,64 +6,22 @@ import asyncio
 import json
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-
-from serving import metrics
+from serving import telemetry
 from serving.batcher import Batcher
-from serving.config import NUM_CLASSES, Settings, parse_version_policy
+from serving.config import Settings, parse_version_policy
 from serving.errors import ModelLoadFailed, ModelNotFound, ModelNotReady, StartupError
-from serving.feedback import AccuracyWindow
 from serving.golden import TOLERANCE, accuracy, load_golden_set, short_of_recorded
 from serving.runtime import OnnxModel
+from serving.telemetry import VersionTelemetry
 
 log = logging.getLogger(__name__)
 
 
-@dataclass(slots=True)
-class Duration:
-    count: int = 0
-    ns: int = 0
-
-    def add(self, seconds: float, count: int = 1) -> None:
-        """`count` more, lasting `seconds` in all."""
-        self.count += count
-        self.ns += int(seconds * 1e9)
-
-
-@dataclass(slots=True)
-class BatchStatistics:
-    """One batch size's executions: joining the inputs, the onnxruntime run, splitting the output."""
-
-    compute_input: Duration = field(default_factory=Duration)
-    compute_infer: Duration = field(default_factory=Duration)
-    compute_output: Duration = field(default_factory=Duration)
-
-
-@dataclass(slots=True)
-class Statistics:
-    """Triton-style cumulative statistics (the ModelStatistics RPC) for one version in this process.
-
-    Per successful request, as Triton counts them: `queue` (waiting for a run), `compute_input` (lookup and
-    decoding the protobuf into an array), `compute_infer` (the onnxruntime run it was part of), `compute_output`
-    (drift signals and encoding the response); `success` is the whole handler. The four counts are equal."""
-
-    success: Duration = field(default_factory=Duration)
-    fail: Duration = field(default_factory=Duration)
-    queue: Duration = field(default_factory=Duration)
-    compute_input: Duration = field(default_factory=Duration)
-    compute_infer: Duration = field(default_factory=Duration)
-    compute_output: Duration = field(default_factory=Duration)
-    inference_count: int = 0
-    execution_count: int = 0
-    last_inference_ms: int = 0
-    batches: dict[int, BatchStatistics] = field(default_factory=dict)
-
-
 class ModelVersion:
-    """A loaded, warmed-up model version with its batcher, statistics, metrics and feedback state."""
+    """A loaded, warmed-up model version: its settings, metadata, onnxruntime sessions, batcher and telemetry."""
 
     def __init__(self, name: str, version: int, directory: Path, settings: Settings) -> None:
         started = time.perf_counter()
@@ -72,11 +30,10 @@ class ModelVersion:
         self.metadata = _read_metadata(directory)
         self.model = OnnxModel(directory / "model.onnx", settings)
         self.provider = self.model.provider
-        self.stats = Statistics()
-        self.window = AccuracyWindow(settings.accuracy_window)
+        self.telemetry = VersionTelemetry(name, self.version, settings.accuracy_window)
         self.batcher = Batcher(
             self.model.run,
-            self,
+            self.telemetry,
             settings.max_batch_size,
             settings.max_queue_delay_us,
             settings.max_queue_images,
@@ -93,92 +50,12 @@ class ModelVersion:
             self.batcher.close()
             raise
         self.load_seconds = time.perf_counter() - started
-        labels = (name, self.version)
-        self._request_duration = metrics.REQUEST_DURATION.labels(*labels)
-        self._queue_duration = metrics.QUEUE_DURATION.labels(*labels)
-        self._compute_duration = metrics.COMPUTE_DURATION.labels(*labels)
-        self._batch_size = metrics.BATCH_SIZE.labels(*labels)
-        self._images = metrics.IMAGES.labels(*labels)
-        self._queue_images = metrics.QUEUE_IMAGES.labels(*labels)
-        self._confidence = metrics.CONFIDENCE.labels(*labels)
-        self._online = metrics.ONLINE_ACCURACY.labels(*labels)
-        self._online.set(float("nan"))  # no labelled answer yet: 0 would read as 0% accurate
-        self._ok = metrics.REQUESTS.labels(*labels, "OK")
-        self._predicted = [metrics.PREDICTIONS.labels(*labels, str(c)) for c in range(10)]
-        self._correct = metrics.FEEDBACK.labels(*labels, "correct")
-        self._incorrect = metrics.FEEDBACK.labels(*labels, "incorrect")
-        metrics.set_placement(name, self.version, self.provider, self.model.placement)
-        metrics.MODEL_LOAD.labels(*labels).set(self.load_seconds)
-        if "test_accuracy" in self.metadata:
-            metrics.OFFLINE_ACCURACY.labels(*labels).set(float(self.metadata["test_accuracy"]))
-
-    # BatchObserver
-    def on_batch(self, images: int, requests: int, seconds: float, input_s: float, output_s: float) -> None:
-        """One run's statistics."""
-        self._compute_duration.observe(seconds)
-        self._batch_size.observe(images)
-        self.stats.execution_count += 1
-        batch = self.stats.batches.get(images)
-        if batch is None:
-            batch = self.stats.batches[images] = BatchStatistics()
-        batch.compute_input.add(input_s)
-        batch.compute_infer.add(seconds)
-        batch.compute_output.add(output_s)
-
-    def on_answers(self, probs: np.ndarray, classes: np.ndarray, waits: list[float], seconds: float) -> None:
-        """The client answers of one run, all at once: images, queue times and drift signals (the rest of each
-        request's figures when it is answered: record_success)."""
-        images = classes.size
-        self._images.inc(images)
-        metrics.observe_many(self._queue_duration, waits)
-        if images == 1:
-            c = int(classes[0])
-            self._predicted[c].inc()
-            self._confidence.observe(float(probs[0, c]))
-        else:
-            for c, count in enumerate(np.bincount(classes, minlength=NUM_CLASSES).tolist()):
-                if count:
-                    self._predicted[c].inc(count)
-            metrics.observe_many(self._confidence, probs.max(axis=1))
-
-    def on_shed(self, reason: str, count: int = 1) -> None:
-        metrics.SHED.labels(self.name, self.version, reason).inc(count)
-
-    def on_queue_depth(self, images: int) -> None:
-        self._queue_images.set(images)
-
-    def record_success(self, seconds: float, images: int, queue_s: float, input_s: float, infer_s: float,
-                       output_s: float) -> None:  # fmt: skip
-        """One answered request: its latency and the Triton statistics (updated together: perf_analyzer refuses
-        statistics whose counts differ, and reads them while requests are in flight)."""
-        self._request_duration.observe(seconds)
-        self._ok.inc()
-        s = self.stats
-        s.success.add(seconds)
-        s.queue.add(queue_s)
-        s.compute_input.add(input_s)
-        s.compute_infer.add(infer_s)
-        s.compute_output.add(output_s)
-        s.inference_count += images
-        s.last_inference_ms = int(time.time() * 1000)
-
-    def record_failure(self, code: str, seconds: float) -> None:
-        self._request_duration.observe(seconds)
-        metrics.REQUESTS.labels(self.name, self.version, code).inc()
-        self.stats.fail.add(seconds)
-
-    def score(self, correct: np.ndarray) -> None:
-        """Count labelled answers (True: the prediction was right) and update the window."""
-        right = int(correct.sum())
-        self._correct.inc(right)
-        self._incorrect.inc(correct.size - right)
-        self.window.record(correct)
-        self._online.set(self.window.accuracy)
+        self.telemetry.loaded(self.provider, self.model.placement, self.load_seconds, self.metadata)
 
     async def unload(self) -> None:
         await self.batcher.drain()
         self.batcher.close()
-        metrics.forget_version(self.name, self.version, self.provider, self.model.placement)
+        self.telemetry.forget()
 
 
 # A version is refused if it scores more than golden.TOLERANCE below its recorded accuracy on these images.
@@ -291,6 +168,11 @@ class ModelRepository:
         """The loaded version `version` of `name`, or None (no error: for late feedback)."""
         versions = self.models.get(name, {})
         return versions.get(int(version)) if _is_version(version) else None
+
+    def scorer(self, name: str, version: str):
+        """The telemetry that scores late labels for a loaded version, or None (feedback for the unloaded)."""
+        mv = self.loaded(name, version)
+        return None if mv is None else mv.telemetry
 
     def versions(self) -> list[ModelVersion]:
         return [mv for versions in self.models.values() for mv in versions.values()]
@@ -431,7 +313,7 @@ class ModelRepository:
                         mv = await asyncio.to_thread(ModelVersion, name, version, versions[version], model_settings)
                     except Exception as exc:  # one bad version must not take the good ones down
                         self.failed[(name, version)] = failures[(name, version)] = str(exc)
-                        metrics.MODEL_LOAD_FAILURES.labels(name).inc()
+                        telemetry.load_failed(name)
                         log.error("model %s version %d rejected: %s", name, version, exc)
                         if atomic:
                             break

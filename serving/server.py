@@ -12,9 +12,10 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from serving import metrics
+from serving import telemetry
 from serving.canary import Canary
 from serving.config import Settings
+from serving.dataplane import DataPlane, ServerState
 from serving.errors import StartupError
 from serving.feedback import Feedback, ReceiptLedger
 from serving.model_control import ModelControl
@@ -24,7 +25,7 @@ from serving.protos.pool import POOL
 from serving.receipts import ReceiptKey
 from serving.repository import ModelRepository
 from serving.runtime import CUDA, check_device
-from serving.servicer import FeedbackServicer, InferenceServicer, ServerState, add_inference_service
+from serving.servicer import FeedbackServicer, InferenceServicer, add_inference_service
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +59,34 @@ class InferenceServer:
 
     async def start(self) -> int:
         """Bind and start answering (health NOT_SERVING), then load and warm up models, then SERVING."""
+        check_device(self.settings)  # a CUDA that cannot be fails here, before the port opens
+        server = self._grpc_server()
+        self.port = self._bind(server)
+        self._server = server
+        await self._set_health(NOT_SERVING)
+        await self.health.set(LIVENESS, SERVING)
+        await server.start()
+        log.info(
+            "gRPC listening on %s:%d (%s)",
+            self.settings.host,
+            self.port,
+            "TLS" if self.settings.tls_cert else "plaintext",
+        )
+        await self._load()
+        for mv in self.repository.versions():
+            await self.health.set(mv.name, SERVING)
+        await self._set_health(SERVING)
+        if self.settings.model_control_mode == "poll":
+            self._poller = asyncio.create_task(self._poll_repository())
+        if self.settings.canary_interval_s:
+            self._canary = asyncio.create_task(Canary(self.repository, self.settings).run())
+        log.info(
+            "ready: %s", ", ".join(f"{mv.name}/{mv.version} on {mv.provider}" for mv in self.repository.versions())
+        )
+        return self.port
+
+    def _grpc_server(self) -> grpc.aio.Server:
+        """The gRPC server with its services: inference (over the data plane), feedback, health, reflection."""
         s = self.settings
         options = [
             ("grpc.max_receive_message_length", s.max_message_bytes),
@@ -71,16 +100,21 @@ class InferenceServer:
                 ("grpc.max_connection_age_ms", int(s.max_connection_age_s * 1000)),
                 ("grpc.max_connection_age_grace_ms", int(s.max_connection_age_grace_s * 1000)),
             ]
-        check_device(s)  # a CUDA that cannot be fails here, before the port opens
         server = grpc.aio.server(options=options)
         receipts = ReceiptKey.from_file(s.receipt_key_file, s.receipt_max_age_s)
-        feedback = Feedback(receipts, ReceiptLedger(s.feedback_capacity, s.receipt_max_age_s), self.repository.loaded)
-        servicer = InferenceServicer(self.repository, s, self.state, receipts, self.control)
-        add_inference_service(servicer, server)
+        ledger = ReceiptLedger(s.feedback_capacity, s.receipt_max_age_s)
+        feedback = Feedback(receipts, ledger, self.repository.scorer)
+        plane = DataPlane(self.repository, s, self.state, receipts)
+        add_inference_service(InferenceServicer(plane, self.control), server)
         feedback_pb2_grpc.add_FeedbackServiceServicer_to_server(FeedbackServicer(feedback), server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         services = (INFERENCE_SERVICE, FEEDBACK_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME)
         reflection.enable_server_reflection(services, server, pool=POOL)
+        return server
+
+    def _bind(self, server: grpc.aio.Server) -> int:
+        """The port the server listens on (plaintext or TLS); StartupError naming the address otherwise."""
+        s = self.settings
         address = f"[{s.host}]:{s.grpc_port}" if ":" in s.host else f"{s.host}:{s.grpc_port}"  # IPv6 in brackets
         tls = ""
         if s.tls_cert is not None:
@@ -92,39 +126,25 @@ class InferenceServer:
             tls = " with TLS (are --tls-cert/--tls-key a PEM certificate and its private key?)"
         try:
             if s.tls_cert is not None:
-                self.port = server.add_secure_port(address, grpc.ssl_server_credentials([key_and_cert]))
+                port = server.add_secure_port(address, grpc.ssl_server_credentials([key_and_cert]))
             else:
-                self.port = server.add_insecure_port(address)
+                port = server.add_insecure_port(address)
         except (RuntimeError, OSError) as exc:
             raise StartupError(f"cannot listen on {address}{tls}: {exc}") from exc
-        if not self.port:
+        if not port:
             raise StartupError(f"cannot listen on {address} (port in use?)")
-        self._server = server
-        await self._set_health(NOT_SERVING)
-        await self.health.set(LIVENESS, SERVING)
-        await server.start()
-        log.info("gRPC listening on %s:%d (%s)", s.host, self.port, "TLS" if s.tls_cert else "plaintext")
+        return port
 
+    async def _load(self) -> None:
+        """The start-up load; --require-gpu checked over every loaded version."""
         await self.repository.load_all()
         # The models, modules and protobuf descriptors loaded by now live as long as the process: the garbage
         # collector stops scanning them on every collection the request path triggers.
         gc.freeze()
-        metrics.GPU_REQUIRED.set(1 if s.require_gpu else 0)
+        telemetry.gpu_required(self.settings.require_gpu)
         placed = {p for mv in self.repository.versions() for where in mv.model.placement.values() for p in where}
-        if s.require_gpu and placed != {CUDA}:  # each version checked its own at load: this is the whole server
+        if self.settings.require_gpu and placed != {CUDA}:  # each version checked its own at load: the whole server
             raise StartupError(f"--require-gpu: CUDA is not active (nodes run on: {', '.join(sorted(placed))})")
-        for mv in self.repository.versions():
-            await self.health.set(mv.name, SERVING)
-        await self._set_health(SERVING)
-        if s.model_control_mode == "poll":
-            self._poller = asyncio.create_task(self._poll_repository())
-        if s.canary_interval_s:
-            self._canary = asyncio.create_task(Canary(self.repository, s).run())
-        log.info(
-            "ready: %s",
-            ", ".join(f"{mv.name}/{mv.version} on {mv.provider}" for mv in self.repository.versions()),
-        )
-        return self.port
 
     async def _set_health(self, status) -> None:
         for name in ("", INFERENCE_SERVICE, FEEDBACK_SERVICE):
@@ -186,7 +206,7 @@ class InferenceServer:
         self.control.close()
 
     def _answered(self) -> int:
-        return sum(mv.stats.success.count for mv in self.repository.versions())
+        return sum(mv.telemetry.stats.success.count for mv in self.repository.versions())
 
     async def wait(self) -> None:
         if self._server is not None:

@@ -9,9 +9,9 @@ import pytest
 
 from serving.admission import Admission
 from serving.config import Settings
+from serving.dataplane import DataPlane, ServerState
 from serving.errors import InvalidInput, Overloaded
 from serving.protos import grpc_service_pb2 as pb
-from serving.servicer import InferenceServicer, ServerState
 from serving.wire import InferRequest
 
 MB = 1 << 20
@@ -78,19 +78,12 @@ def test_hold_refuses_what_does_not_fit_and_release_frees_it():
     assert a.held == 0
 
 
-class _Context:
-    """What ModelInfer's read step uses of a ServicerContext."""
-
-    def __init__(self, read):
-        self.read = read
-
-
-def servicer() -> InferenceServicer:
-    return InferenceServicer(None, Settings(model_repository="unused"), ServerState(), None)
+def plane() -> DataPlane:
+    return DataPlane(None, Settings(model_repository="unused"), ServerState(), None)
 
 
 async def test_a_read_that_fails_or_is_cancelled_gives_its_place_back():
-    s = servicer()
+    s = plane()
 
     async def cancelled():
         raise asyncio.CancelledError
@@ -102,12 +95,12 @@ async def test_a_read_that_fails_or_is_cancelled_gives_its_place_back():
         return InferRequest.of(pb.ModelInferRequest(model_name="mnist", raw_input_contents=[bytes(784)]))
 
     with pytest.raises(asyncio.CancelledError):
-        await s._read_admitted(_Context(cancelled))
+        await s.read_admitted(cancelled)
     assert s.admission.reading == 0
     with pytest.raises(InvalidInput, match="without a request message"):
-        await s._read_admitted(_Context(eof))
+        await s.read_admitted(eof)
     assert s.admission.reading == 0
-    received = await s._read_admitted(_Context(message))
+    received = await s.read_admitted(message)
     assert received.message.model_name == "mnist" and s.admission.reading == 0
     assert s.admission.typical > 0
 

@@ -422,10 +422,13 @@ def test_model_config_reports_the_instance_count():
     """Triton's ModelConfig shows the execution threads per version as its instance group count."""
     from types import SimpleNamespace
 
+    from serving.codec import model_config
     from serving.config import Settings
     from serving.protos import model_config_pb2 as mc
-    from serving.servicer import model_config
 
-    mv = SimpleNamespace(name="mnist", provider="CPUExecutionProvider", model=SimpleNamespace(placement={}))
-    config = model_config(mv, Settings(instance_count=3, model_repository="unused"))
+    settings = Settings(instance_count=3, model_repository="unused")
+    mv = SimpleNamespace(
+        name="mnist", provider="CPUExecutionProvider", settings=settings, model=SimpleNamespace(placement={})
+    )
+    config = model_config(mv)
     assert [(g.count, g.kind) for g in config.instance_group] == [(3, mc.ModelInstanceGroup.KIND_CPU)]

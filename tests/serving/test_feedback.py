@@ -14,9 +14,10 @@ from server_process import start_server
 
 from serving.client import feedback_request, infer_request, probabilities, receipt_of
 from serving.errors import InvalidReceipt
-from serving.feedback import AccuracyWindow, ReceiptLedger
+from serving.feedback import ReceiptLedger
 from serving.protos import feedback_pb2
 from serving.receipts import ReceiptKey
+from serving.telemetry import AccuracyWindow
 
 M = {"model": "mnist", "version": "1"}
 UNTRUSTED = {"model": "", "version": ""}  # refused receipts whose content cannot be trusted

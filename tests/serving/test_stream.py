@@ -18,9 +18,10 @@ from serving import wire
 from serving.admission import Admission
 from serving.client import infer_request, probabilities
 from serving.config import Settings
+from serving.dataplane import ServerState
 from serving.protos import grpc_service_pb2 as pb
 from serving.protos import grpc_service_pb2_grpc as pb_grpc
-from serving.servicer import InferStream, ServerState
+from serving.stream import InferStream
 from serving.wire import InferRequest
 
 M = {"model": "mnist", "version": "1"}

@@ -1,0 +1,146 @@
+"""The data plane: what happens to an inference request between the wire and the model, for unary calls and
+streams alike — drain, admission, lookup, decoding, batching, scoring attached labels, the receipt, encoding and
+recording. The servicer only converts protocol messages and calls it; serving.errors maps what it raises to
+status codes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+
+import grpc
+
+from serving import codec, telemetry, wire
+from serving.admission import Admission
+from serving.config import Settings
+from serving.errors import InvalidInput, Overloaded, ServerDraining, status_of
+from serving.receipts import ReceiptKey
+from serving.repository import ModelRepository, ModelVersion
+
+
+class ServerState:
+    """What the request path needs to know about the process: readiness and drain."""
+
+    def __init__(self) -> None:
+        self.draining = False  # SIGTERM received: not ready (health NOT_SERVING), still answering
+        # The drain's last moments: new calls get UNAVAILABLE with a retry pushback, streams stop reading.
+        self.refusing_started = asyncio.Event()
+        self.last_call = 0.0  # time.monotonic() of the latest ModelInfer, refused ones included
+
+    @property
+    def refusing(self) -> bool:
+        return self.refusing_started.is_set()
+
+    @refusing.setter
+    def refusing(self, value: bool) -> None:
+        (self.refusing_started.set if value else self.refusing_started.clear)()
+
+
+class DataPlane:
+    """Inference for the loaded models of one process."""
+
+    def __init__(
+        self, repository: ModelRepository, settings: Settings, state: ServerState, receipts: ReceiptKey
+    ) -> None:
+        self.repository = repository
+        self.settings = settings
+        self.state = state
+        self.receipts = receipts
+        self.admission = Admission(settings.max_inflight_bytes)
+
+    # ---------------------------------------------------------------- health and lookups
+
+    def ready(self) -> bool:
+        return self.repository.ready and not self.state.draining
+
+    def model_ready(self, name: str, version: str) -> bool:
+        try:
+            self.repository.get(name, version)
+        except Exception:
+            return False
+        return not self.state.draining
+
+    def version(self, name: str, version: str = "") -> ModelVersion:
+        """The loaded version (the newest when `version` is empty); ModelNotFound / ModelNotReady otherwise."""
+        return self.repository.get(name, version)
+
+    def providers(self) -> list[str]:
+        return sorted({mv.provider for mv in self.repository.versions()})
+
+    # ---------------------------------------------------------------- inference
+
+    def refuse_if_draining(self) -> None:
+        self.state.last_call = time.monotonic()  # refused calls too: the drain waits for quiet
+        if self.state.refusing:
+            raise ServerDraining("server is shutting down; retry on another replica")
+
+    async def read_admitted(self, read: Callable[[], Awaitable]) -> wire.InferRequest:
+        """A unary call's request, read only once the process has room for it (else RESOURCE_EXHAUSTED unread)."""
+        try:
+            self.admission.before_read()
+        except Overloaded:
+            telemetry.refused_unread()
+            raise
+        received = await self.admission.read(read, end=grpc.aio.EOF)
+        if received is None:
+            raise InvalidInput("ModelInfer call without a request message")
+        return received
+
+    async def infer(self, received: wire.InferRequest, deadline: float | None, stream: bool = False) -> bytes:
+        """One inference, unary or streamed: the serialized ModelInferResponse. A streamed request waits for room
+        in a full queue (the stream stops reading meanwhile) instead of being refused."""
+        start = time.perf_counter()
+        telemetry.request_started()
+        mv: ModelVersion | None = None
+        held = 0
+        try:
+            self.refuse_if_draining()
+            if received.error:
+                raise InvalidInput(received.error)
+            mv = self.repository.get(received.message.model_name, received.message.model_version)
+            held = self._hold(mv, received.nbytes)
+            return await self._run(mv, received, deadline, stream, start)
+        except asyncio.CancelledError:
+            if mv is not None:
+                mv.telemetry.record_failure("CANCELLED", time.perf_counter() - start)
+            raise
+        except BaseException as exc:
+            if mv is not None:
+                mv.telemetry.record_failure(status_of(exc)[0].name, time.perf_counter() - start)
+            raise
+        finally:
+            telemetry.request_ended()
+            self.admission.release(held)
+
+    def _hold(self, mv: ModelVersion, nbytes: int) -> int:
+        """Count the request's bytes against the process budget; the bytes held."""
+        try:
+            self.admission.hold(nbytes)
+        except Overloaded:
+            mv.telemetry.on_shed("inflight_bytes")
+            raise
+        return nbytes
+
+    async def _run(
+        self, mv: ModelVersion, received: wire.InferRequest, deadline: float | None, stream: bool, start: float
+    ) -> bytes:
+        """Decode, batch, score attached labels or issue a receipt, encode, record: the response bytes."""
+        request = received.message
+        decoded = codec.decode_infer_request(request, mv.settings.max_batch_size, received.raw)
+        decoded_at = time.perf_counter()
+        answer = await mv.batcher.infer(decoded.images, deadline, wait=stream)
+        answered_at = time.perf_counter()
+        if decoded.labels is not None:
+            mv.telemetry.score(answer.classes == decoded.labels)
+        # Labels attached to the request are scored already: no receipt to score them again.
+        receipt = "" if decoded.labels is not None else self.receipts.issue(mv.name, mv.version, answer.classes)
+        response = codec.encode_infer_response(
+            request, mv.version, answer.probs, decoded.outputs, receipt, answer.classes
+        )
+        end = time.perf_counter()
+        mv.telemetry.record_success(
+            end - start, answer.probs.shape[0], answer.queue_s, decoded_at - start, answer.run_s, end - answered_at
+        )
+        return response
