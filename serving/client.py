@@ -310,7 +310,8 @@ def cmd_control(args) -> int:
     return 2 if failed or not results else 0
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
+    """The command line: predict, evaluate, health and the model-control commands."""
     parser = argparse.ArgumentParser(prog="python -m serving.client", description=__doc__)
     parser.add_argument(
         "--url",
@@ -341,6 +342,12 @@ def main(argv: list[str] | None = None) -> int:
     h = sub.add_parser("health", help="grpc.health.v1 check; exit 0 when SERVING")
     h.add_argument("--service", default="", help="'' (server), liveness, or a model name")
     h.set_defaults(func=cmd_health)
+    _add_control_commands(sub)
+    return parser
+
+
+def _add_control_commands(sub) -> None:
+    """load, unload and index: on one server (--url) or on every replica (--all-replicas)."""
     for command, text in (
         ("load", "load or reload --model (explicit model control), optionally with a config and files"),
         ("unload", "unload --model once its queued requests are answered (explicit model control)"),
@@ -367,7 +374,10 @@ def main(argv: list[str] | None = None) -> int:
                 help="<version>/<name>=<local path> sent as file:<version>/<name> (needs --config); repeatable",
             )
         c.set_defaults(func=cmd_control)
-    args = parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
     try:
         return args.func(args)
     except ValueError as exc:

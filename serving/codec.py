@@ -65,41 +65,45 @@ def decode_infer_request(
 
     if raw is None:
         raw = request.raw_input_contents
-    if raw:
-        if len(raw) != 1:
-            raise InvalidInput(f"raw_input_contents has {len(raw)} entries for 1 input")
-        if tensor.HasField("contents"):
-            raise InvalidInput("input has both raw_input_contents and typed contents; send one")
-        data = raw[0]  # once: each read of a protobuf bytes field is a copy
-        expected = count * dtype.itemsize
-        if len(data) != expected:
-            raise InvalidInput(
-                f"input '{INPUT_NAME}' {tensor.datatype} shape {list(tensor.shape)} needs {expected} bytes, "
-                f"got {len(data)}"
-            )
-        values = np.frombuffer(data, dtype=dtype)
-    else:
-        values = _typed_contents(tensor, dtype, count)
-
-    if dtype.kind == "u":
-        images = values  # scaled by /255 inside the model (runtime.with_uint8_input), exactly as in training
-    elif values.size and values.view(np.uint32).max() <= _ONE_BITS:
-        # NOTE: one integer reduction instead of a float min and max: non-negative floats order like their bit
-        # patterns, and every negative number, NaN and +Inf has a pattern above 1.0's. (-0.0 takes the slow path.)
-        images = values
-    else:
-        low, high = values.min(), values.max()
-        if not (low >= 0.0 and high <= 1.0):  # also false for NaN; +-Inf fail the bounds
-            raise InvalidInput(
-                f"FP32 pixels must be finite and in [0, 1] (pixel/255); got values in [{low}, {high}]. "
-                "Send raw 0-255 pixels as UINT8 instead."
-            )
-        images = values
+    values = _raw_contents(tensor, raw, dtype, count) if raw else _typed_contents(tensor, dtype, count)
+    if dtype.kind == "f":
+        _check_pixels(values)
+    # UINT8 pixels are scaled by /255 inside the model (runtime.with_uint8_input), exactly as in training.
+    images = values
     return DecodedRequest(
         images=images.reshape(n, IMAGE_PIXELS),
         outputs=_requested_outputs(request),
         labels=_labels(request, n),
     )
+
+
+def _raw_contents(tensor, raw: Sequence[bytes | memoryview], dtype: np.dtype, count: int) -> np.ndarray:
+    """The input from raw_input_contents: a view of the bytes, which must be exactly `count` values."""
+    if len(raw) != 1:
+        raise InvalidInput(f"raw_input_contents has {len(raw)} entries for 1 input")
+    if tensor.HasField("contents"):
+        raise InvalidInput("input has both raw_input_contents and typed contents; send one")
+    data = raw[0]  # once: each read of a protobuf bytes field is a copy
+    expected = count * dtype.itemsize
+    if len(data) != expected:
+        raise InvalidInput(
+            f"input '{INPUT_NAME}' {tensor.datatype} shape {list(tensor.shape)} needs {expected} bytes, got {len(data)}"
+        )
+    return np.frombuffer(data, dtype=dtype)
+
+
+def _check_pixels(values: np.ndarray) -> None:
+    """FP32 pixels must be finite and in [0, 1]."""
+    # NOTE: one integer reduction instead of a float min and max: non-negative floats order like their bit
+    # patterns, and every negative number, NaN and +Inf has a pattern above 1.0's. (-0.0 takes the slow path.)
+    if not values.size or values.view(np.uint32).max() <= _ONE_BITS:
+        return
+    low, high = values.min(), values.max()
+    if not (low >= 0.0 and high <= 1.0):  # also false for NaN; +-Inf fail the bounds
+        raise InvalidInput(
+            f"FP32 pixels must be finite and in [0, 1] (pixel/255); got values in [{low}, {high}]. "
+            "Send raw 0-255 pixels as UINT8 instead."
+        )
 
 
 def _batch_size(shape: list[int], max_batch_size: int) -> int:

@@ -112,39 +112,44 @@ class BoundSession:
         self.cuda_graphs = cuda_graphs
         # A session with CUDA graphs must not run concurrently (onnxruntime's rule): one lock for all slots.
         shared_lock = threading.Lock() if cuda_graphs else None
+        self.input_name, self.output_name, self.device_id = input_name, output_name, device_id
         self._slots: dict[int, _Slot] = {}
         pinned_buckets = []
         for graph_id, size in enumerate(self.buckets, start=1):
-            host_in, locked = host_buffer((size, IMAGE_PIXELS), self.dtype, pinned and device == "cuda")
+            slot, locked = self._slot(size, graph_id, pinned and device == "cuda", shared_lock)
+            self._slots[size] = slot
             if locked:
                 pinned_buckets.append(size)
-            host_in.fill(0)
-            binding = session.io_binding()
-            if device == "cpu":
-                host_out = np.zeros((size, NUM_CLASSES), dtype=np.float32)
-                device_in = None
-                # ortvalue_from_numpy borrows the array: writing host_in is writing the bound input.
-                binding.bind_ortvalue_input(input_name, ort.OrtValue.ortvalue_from_numpy(host_in))
-                out = ort.OrtValue.ortvalue_from_numpy(host_out)
-            else:
-                host_out = None
-                device_in = ort.OrtValue.ortvalue_from_shape_and_type(
-                    [size, IMAGE_PIXELS], self.dtype.type, "cuda", device_id
-                )
-                device_in.update_inplace(host_in)
-                binding.bind_ortvalue_input(input_name, device_in)
-                out = ort.OrtValue.ortvalue_from_shape_and_type([size, NUM_CLASSES], np.float32, "cuda", device_id)
-            binding.bind_ortvalue_output(output_name, out)
-            run_options = ort.RunOptions()
-            if cuda_graphs:
-                # One captured graph per bucket shape; ids start at 1 (0 is onnxruntime's own default).
-                run_options.add_run_config_entry("gpu_graph_id", str(graph_id))
-            self._slots[size] = _Slot(
-                size, host_in, host_out, device_in, out, binding, run_options, shared_lock or threading.Lock()
-            )
         # Page-locked staging for every bucket, or not: one bucket left pageable is a slower copy for its batches.
         self.pinned_buckets = tuple(pinned_buckets)
         self.pinned = len(pinned_buckets) == len(self.buckets)
+
+    def _slot(self, size: int, graph_id: int, pinned: bool, shared_lock: threading.Lock | None) -> tuple[_Slot, bool]:
+        """One bucket's buffers, bound once; and whether its host staging is page-locked."""
+        host_in, locked = host_buffer((size, IMAGE_PIXELS), self.dtype, pinned)
+        host_in.fill(0)
+        binding = self.session.io_binding()
+        if self.device == "cpu":
+            host_out = np.zeros((size, NUM_CLASSES), dtype=np.float32)
+            device_in = None
+            # ortvalue_from_numpy borrows the array: writing host_in is writing the bound input.
+            binding.bind_ortvalue_input(self.input_name, ort.OrtValue.ortvalue_from_numpy(host_in))
+            out = ort.OrtValue.ortvalue_from_numpy(host_out)
+        else:
+            host_out = None
+            device_in = ort.OrtValue.ortvalue_from_shape_and_type(
+                [size, IMAGE_PIXELS], self.dtype.type, "cuda", self.device_id
+            )
+            device_in.update_inplace(host_in)
+            binding.bind_ortvalue_input(self.input_name, device_in)
+            out = ort.OrtValue.ortvalue_from_shape_and_type([size, NUM_CLASSES], np.float32, "cuda", self.device_id)
+        binding.bind_ortvalue_output(self.output_name, out)
+        run_options = ort.RunOptions()
+        if self.cuda_graphs:
+            # One captured graph per bucket shape; ids start at 1 (0 is onnxruntime's own default).
+            run_options.add_run_config_entry("gpu_graph_id", str(graph_id))
+        lock = shared_lock or threading.Lock()
+        return _Slot(size, host_in, host_out, device_in, out, binding, run_options, lock), locked
 
     def run(self, images: np.ndarray) -> np.ndarray:
         """Probabilities (N, 10) for N images of this session's dtype; batches above the largest bucket in chunks."""

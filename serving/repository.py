@@ -293,58 +293,9 @@ class ModelRepository:
         that failed in this call."""
         settings = settings or {}
         async with self._lock:
-            wanted: dict[str, set[int]] = {}
-            failures: dict[tuple[str, int], str] = {}
-            added: dict[str, list[int]] = {}
-            for name, versions in found.items():
-                model_settings = (settings[name] or self.settings) if name in settings else self.settings_for(name)
-                candidates, limit = policy_candidates(versions, model_settings)
-                keep = wanted.setdefault(name, set())
-                for version in candidates:
-                    if len(keep) >= limit:
-                        break
-                    loaded = self.models.get(name, {})
-                    if version in loaded:
-                        keep.add(version)
-                        continue
-                    if (name, version) in self.failed:
-                        continue
-                    try:
-                        mv = await asyncio.to_thread(ModelVersion, name, version, versions[version], model_settings)
-                    except Exception as exc:  # one bad version must not take the good ones down
-                        self.failed[(name, version)] = failures[(name, version)] = str(exc)
-                        telemetry.load_failed(name)
-                        log.error("model %s version %d rejected: %s", name, version, exc)
-                        if atomic:
-                            break
-                        continue
-                    self.models.setdefault(name, {})[version] = mv
-                    added.setdefault(name, []).append(version)
-                    keep.add(version)
-                    log.info(
-                        "loaded model %s version %d on %s in %.2fs (offline accuracy %s)",
-                        name, version, mv.provider, mv.load_seconds, mv.metadata.get("test_accuracy", "n/a"),
-                    )  # fmt: skip
+            wanted, added, failures = await self._load_wanted(found, settings, atomic)
             refused = {name for name, _ in failures} if atomic else set()
-            for name, loaded in list(self.models.items()):
-                if scope is not None and name not in scope:
-                    continue
-                if name in refused:  # roll back: what this call loaded goes, what was served stays
-                    gone = added.get(name, [])
-                else:
-                    gone = [v for v in loaded if v not in wanted.get(name, set())]
-                for version in gone:
-                    mv = loaded.pop(version)
-                    if name in refused:
-                        why = "rolled back: another version of this load failed"
-                    elif version not in found.get(name, {}):
-                        why = "removed from the repository"
-                    else:
-                        why = f"version policy: {mv.settings.version_policy.partition(':')[0]}"
-                    log.info("unloading model %s version %d (%s)", name, version, why)
-                    await mv.unload()
-                if not loaded:
-                    del self.models[name]
+            await self._unload_unwanted(found, wanted, added, refused, scope)
             for name, given in settings.items():
                 if name not in refused and given is not None:
                     self.model_settings[name] = given
@@ -356,3 +307,61 @@ class ModelRepository:
                 if (scope is not None and k[0] not in scope) or k[1] in found.get(k[0], {})
             }
             return failures
+
+    async def _load_wanted(self, found: dict[str, dict[int, Path]], settings: dict[str, Settings | None], atomic: bool):
+        """Load the versions the policy wants that are not loaded yet (one bad version does not stop the others,
+        unless `atomic`). Returns (versions wanted per model, versions loaded now per model, failures)."""
+        wanted: dict[str, set[int]] = {}
+        added: dict[str, list[int]] = {}
+        failures: dict[tuple[str, int], str] = {}
+        for name, versions in found.items():
+            model_settings = (settings[name] or self.settings) if name in settings else self.settings_for(name)
+            candidates, limit = policy_candidates(versions, model_settings)
+            keep = wanted.setdefault(name, set())
+            for version in candidates:
+                if len(keep) >= limit:
+                    break
+                if version in self.models.get(name, {}):
+                    keep.add(version)
+                    continue
+                if (name, version) in self.failed:
+                    continue
+                try:
+                    mv = await asyncio.to_thread(ModelVersion, name, version, versions[version], model_settings)
+                except Exception as exc:  # one bad version must not take the good ones down
+                    self.failed[(name, version)] = failures[(name, version)] = str(exc)
+                    telemetry.load_failed(name)
+                    log.error("model %s version %d rejected: %s", name, version, exc)
+                    if atomic:
+                        break
+                    continue
+                self.models.setdefault(name, {})[version] = mv
+                added.setdefault(name, []).append(version)
+                keep.add(version)
+                log.info(
+                    "loaded model %s version %d on %s in %.2fs (offline accuracy %s)",
+                    name, version, mv.provider, mv.load_seconds, mv.metadata.get("test_accuracy", "n/a"),
+                )  # fmt: skip
+        return wanted, added, failures
+
+    async def _unload_unwanted(self, found, wanted, added, refused: set[str], scope: set[str] | None) -> None:
+        """Unload (drained first) what the policy no longer wants; for a `refused` model, what this call added."""
+        for name, loaded in list(self.models.items()):
+            if scope is not None and name not in scope:
+                continue
+            if name in refused:  # roll back: what this call loaded goes, what was served stays
+                gone = added.get(name, [])
+            else:
+                gone = [v for v in loaded if v not in wanted.get(name, set())]
+            for version in gone:
+                mv = loaded.pop(version)
+                if name in refused:
+                    why = "rolled back: another version of this load failed"
+                elif version not in found.get(name, {}):
+                    why = "removed from the repository"
+                else:
+                    why = f"version policy: {mv.settings.version_policy.partition(':')[0]}"
+                log.info("unloading model %s version %d (%s)", name, version, why)
+                await mv.unload()
+            if not loaded:
+                del self.models[name]
