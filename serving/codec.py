@@ -114,7 +114,7 @@ def _batch_size(shape: list[int], max_batch_size: int) -> int:
     if n < 1:
         raise InvalidInput(f"batch dimension is {n}: expected at least 1 image")
     if n > max_batch_size:
-        raise InvalidInput(f"batch of {n} images is over the server's max_batch_size {max_batch_size}")
+        raise InvalidInput(f"batch of {n} images is over the model's max_batch_size {max_batch_size}")
     return n
 
 

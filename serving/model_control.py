@@ -10,13 +10,10 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from google.protobuf import json_format
-
-from serving import codec
 from serving.config import Settings, parse_control_header
 from serving.errors import InvalidInput, ModelControlOff, ModelNotFound, PermissionDenied
+from serving.model_settings import apply, parse_json
 from serving.protos import grpc_service_pb2 as pb
-from serving.protos import model_config_pb2 as mc
 from serving.repository import ModelRepository
 
 log = logging.getLogger(__name__)
@@ -25,9 +22,6 @@ CONFIG = "config"
 FILE_PREFIX = "file:"
 # The files a load may carry per version (Triton's `file:<version>/<name>`): the model and its metadata.
 VERSION_FILES = ("model.onnx", "metadata.json")
-# ModelConfig fields a load's `config` may set; the others describe the fixed interface or are not served here.
-_SETTABLE = {"name", "platform", "backend", "max_batch_size", "version_policy", "instance_group", "dynamic_batching"}
-_INTERFACE = {"input", "output", "parameters"}
 
 
 @dataclass(frozen=True)
@@ -59,61 +53,7 @@ def load_options(parameters: Mapping[str, pb.ModelRepositoryParameter]) -> LoadO
 
 def model_settings(name: str, config: str, base: Settings) -> Settings:
     """The settings a model loads with, from a Triton ModelConfig as JSON (unset fields keep `base`)."""
-    try:
-        parsed = json_format.Parse(config, mc.ModelConfig())
-    except json_format.ParseError as exc:
-        raise InvalidInput(f"'config' is not a ModelConfig in JSON: {exc}") from None
-    given = {f.name for f, _ in parsed.ListFields()}
-    unsupported = sorted(given - _SETTABLE - _INTERFACE)
-    if unsupported:
-        raise InvalidInput(f"'config' sets {unsupported}, not supported here (settable: {sorted(_SETTABLE)})")
-    if parsed.name not in ("", name):
-        raise InvalidInput(f"'config' names model '{parsed.name}', the load is for '{name}'")
-    if parsed.platform not in ("", codec.PLATFORM) or parsed.backend not in ("", "onnxruntime"):
-        raise InvalidInput(f"'config': this server runs platform {codec.PLATFORM} (backend onnxruntime) only")
-    _check_interface(parsed)
-    update: dict = {}
-    if parsed.max_batch_size:
-        if parsed.max_batch_size > base.max_batch_size:
-            raise InvalidInput(
-                f"'config' max_batch_size {parsed.max_batch_size} exceeds the server's {base.max_batch_size} "
-                "(it sizes the gRPC message limit)"
-            )
-        update["max_batch_size"] = parsed.max_batch_size
-    if parsed.HasField("version_policy"):
-        update["version_policy"] = _version_policy(parsed.version_policy)
-    if parsed.instance_group:
-        update["instance_count"] = sum(g.count or 1 for g in parsed.instance_group)
-        if base.cuda_graphs and update["instance_count"] > 1:
-            raise InvalidInput("'config' instance count > 1 with --cuda-graphs (graphs are captured per thread)")
-    if parsed.HasField("dynamic_batching"):
-        update["max_queue_delay_us"] = parsed.dynamic_batching.max_queue_delay_microseconds
-    return base.model_copy(update=update)
-
-
-def _version_policy(policy: mc.ModelVersionPolicy) -> str:
-    kind = policy.WhichOneof("policy_choice")
-    if kind == "latest":
-        if policy.latest.num_versions < 1:
-            raise InvalidInput("'config' version_policy latest needs num_versions >= 1")
-        return f"latest:{policy.latest.num_versions}"
-    if kind == "specific":
-        if not policy.specific.versions or min(policy.specific.versions) < 0:
-            raise InvalidInput("'config' version_policy specific needs versions >= 0")
-        return "specific:" + ",".join(str(v) for v in policy.specific.versions)
-    return "all"
-
-
-def _check_interface(config: mc.ModelConfig) -> None:
-    """Inputs and outputs may be restated (as ModelConfig returns them) but not changed."""
-    pairs = (("input", config.input, codec.MODEL_INPUTS), ("output", config.output, codec.MODEL_OUTPUTS))
-    for what, given, served in pairs:
-        if given and _tensors(given) != _tensors(served):
-            raise InvalidInput(f"'config' {what} differs from the served interface; every version takes input [N,784]")
-
-
-def _tensors(tensors) -> list[tuple[str, int, list[int]]]:
-    return [(t.name, t.data_type, list(t.dims)) for t in tensors]
+    return apply(name, parse_json(config), base)
 
 
 def write_files(name: str, files: Mapping[str, bytes]) -> tuple[Path, dict[int, Path]]:

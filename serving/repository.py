@@ -12,8 +12,9 @@ from pathlib import Path
 from serving import telemetry
 from serving.batcher import Batcher
 from serving.config import Settings, parse_version_policy
-from serving.errors import ModelLoadFailed, ModelNotFound, ModelNotReady, StartupError
+from serving.errors import InvalidInput, ModelLoadFailed, ModelNotFound, ModelNotReady, StartupError
 from serving.golden import TOLERANCE, accuracy, load_golden_set, short_of_recorded
+from serving.model_settings import from_file as settings_from_file
 from serving.runtime import OnnxModel
 from serving.telemetry import VersionTelemetry
 
@@ -155,6 +156,7 @@ class ModelRepository:
         self.failed: dict[tuple[str, int], str] = {}
         # Explicit model control: per-model settings given with a load, models being loaded, models unloaded.
         self.model_settings: dict[str, Settings] = {}
+        self.bad_config: set[str] = set()  # models whose config.pbtxt / config.json was refused
         self.loading: set[str] = set()
         self.unloaded: set[str] = set()
         self.started = False  # the start-up load is over: an unknown model is NOT_FOUND, not "not loaded yet"
@@ -198,8 +200,16 @@ class ModelRepository:
         return scan(self.root, self.settings.model_name) if self.root.is_dir() else {}
 
     def settings_for(self, name: str) -> Settings:
-        """The settings a model's versions load with: the server's, or those given with its explicit load."""
-        return self.model_settings.get(name, self.settings)
+        """The settings a model's versions load with: those given with its explicit load, else its folder's
+        config.pbtxt / config.json over the server's flags, else the flags. InvalidInput for a bad file."""
+        if name in self.model_settings:
+            return self.model_settings[name]
+        return settings_from_file(self._model_dir(name), name, self.settings) or self.settings
+
+    def _model_dir(self, name: str) -> Path:
+        """A model's folder: `<repository>/<name>`, or the repository itself when it is one model's folder."""
+        folder = self.root / name
+        return self.root if name == self.settings.model_name and not folder.is_dir() else folder
 
     async def load_all(self) -> None:
         """Start-up load: every version on disk (explicit mode: of the --load-model models only); fails only if
@@ -315,8 +325,17 @@ class ModelRepository:
         added: dict[str, list[int]] = {}
         failures: dict[tuple[str, int], str] = {}
         for name, versions in found.items():
-            model_settings = (settings[name] or self.settings) if name in settings else self.settings_for(name)
-            candidates, limit = policy_candidates(versions, model_settings)
+            try:
+                chosen = (settings[name] or self.settings) if name in settings else self.settings_for(name)
+            except InvalidInput as exc:  # the model's config file: every version refused, with the reason
+                for version in versions:
+                    self._refuse(name, version, str(exc), failures)
+                self.bad_config.add(name)
+                continue
+            if name in self.bad_config:  # the file was fixed: its versions may load now
+                self.bad_config.discard(name)
+                self.failed = {k: v for k, v in self.failed.items() if k[0] != name}
+            candidates, limit = policy_candidates(versions, chosen)
             keep = wanted.setdefault(name, set())
             for version in candidates:
                 if len(keep) >= limit:
@@ -327,11 +346,9 @@ class ModelRepository:
                 if (name, version) in self.failed:
                     continue
                 try:
-                    mv = await asyncio.to_thread(ModelVersion, name, version, versions[version], model_settings)
+                    mv = await asyncio.to_thread(ModelVersion, name, version, versions[version], chosen)
                 except Exception as exc:  # one bad version must not take the good ones down
-                    self.failed[(name, version)] = failures[(name, version)] = str(exc)
-                    telemetry.load_failed(name)
-                    log.error("model %s version %d rejected: %s", name, version, exc)
+                    self._refuse(name, version, str(exc), failures)
                     if atomic:
                         break
                     continue
@@ -343,6 +360,11 @@ class ModelRepository:
                     name, version, mv.provider, mv.load_seconds, mv.metadata.get("test_accuracy", "n/a"),
                 )  # fmt: skip
         return wanted, added, failures
+
+    def _refuse(self, name: str, version: int, reason: str, failures: dict) -> None:
+        self.failed[(name, version)] = failures[(name, version)] = reason
+        telemetry.load_failed(name)
+        log.error("model %s version %d rejected: %s", name, version, reason)
 
     async def _unload_unwanted(self, found, wanted, added, refused: set[str], scope: set[str] | None) -> None:
         """Unload (drained first) what the policy no longer wants; for a `refused` model, what this call added."""

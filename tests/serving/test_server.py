@@ -183,7 +183,7 @@ ERROR_CASES = {
     "batch over max": (
         _raw_request(inputs=_tensor(shape=[1025, 784]), raw_input_contents=[bytes(1025 * 784)]),
         "INVALID_ARGUMENT",
-        "batch of 1025 images is over the server's max_batch_size 1024",
+        "batch of 1025 images is over the model's max_batch_size 1024",
     ),
     "zero batch": (
         _raw_request(inputs=_tensor(shape=[0, 784]), raw_input_contents=[b""]),

@@ -1,0 +1,110 @@
+"""Per-model settings from the model's folder (config.pbtxt as Triton writes it, or config.json), over the flags."""
+
+from __future__ import annotations
+
+import re
+import shutil
+
+import numpy as np
+import pytest
+import tritonclient.grpc as tc
+from server_process import start_server
+from tritonclient.utils import InferenceServerException
+
+from serving.codec import model_config
+from serving.config import Settings
+from serving.errors import InvalidInput
+from serving.model_settings import from_file
+from serving.repository import IndexEntry, ModelRepository
+
+PBTXT = """
+name: "mnist"
+max_batch_size: 8
+version_policy: { latest: { num_versions: 1 } }
+instance_group [ { count: 2, kind: KIND_CPU } ]
+dynamic_batching { max_queue_delay_microseconds: 250 }
+"""
+
+
+def test_config_pbtxt_and_json_set_what_triton_users_expect(tmp_path):
+    base = Settings(model_repository=tmp_path)
+    assert from_file(tmp_path, "mnist", base) is None  # no file: the flags
+    (tmp_path / "config.pbtxt").write_text(PBTXT)
+    settings = from_file(tmp_path, "mnist", base)
+    assert (settings.max_batch_size, settings.version_policy, settings.instance_count, settings.max_queue_delay_us) == (
+        8, "latest:1", 2, 250,
+    )  # fmt: skip
+    assert settings.max_inflight_bytes == base.max_inflight_bytes  # what the file does not set stays the flags'
+    (tmp_path / "config.pbtxt").unlink()
+    (tmp_path / "config.json").write_text('{"max_batch_size": 16, "dynamic_batching": {}}')
+    assert from_file(tmp_path, "mnist", base).max_batch_size == 16
+
+
+@pytest.mark.parametrize(
+    ("text", "fragment"),
+    [
+        ("max_batch_size: 4096", "exceeds the server's 1024"),
+        ('name: "digits"', "names model 'digits'"),
+        ('platform: "tensorflow_savedmodel"', "platform onnxruntime_onnx"),
+        ('default_model_filename: "m.onnx"', "sets ['default_model_filename'], not supported"),
+        ("optimization { priority: PRIORITY_MAX }", 'has no field named "optimization"'),
+        ("max_batch_size: [", ""),  # not text format at all
+    ],
+)
+def test_a_bad_config_file_is_refused_naming_the_file(tmp_path, text, fragment):
+    (tmp_path / "config.pbtxt").write_text(text)
+    with pytest.raises(InvalidInput, match=r"config.pbtxt: .*" + re.escape(fragment)):
+        from_file(tmp_path, "mnist", Settings(model_repository=tmp_path))
+
+
+@pytest.fixture
+def repository_with_config(trained_repository, tmp_path):
+    repo = tmp_path / "repo"
+    shutil.copytree(trained_repository, repo)
+    (repo / "mnist" / "config.pbtxt").write_text(PBTXT)
+    return repo
+
+
+async def test_the_repository_loads_a_model_with_its_folders_settings(repository_with_config):
+    repository = ModelRepository(Settings(model_repository=repository_with_config, verify_on_load=False))
+    await repository.load_all()
+    try:
+        mv = repository.get("mnist")
+        config = model_config(mv)
+        assert config.max_batch_size == 8 and config.dynamic_batching.max_queue_delay_microseconds == 250
+        assert [g.count for g in config.instance_group] == [2] and len(mv.batcher.thread_ids) == 2
+    finally:
+        for mv in repository.versions():
+            await mv.unload()
+
+
+async def test_a_bad_config_file_refuses_the_model_with_the_reason_and_a_fixed_one_loads(repository_with_config):
+    (repository_with_config / "mnist" / "config.pbtxt").write_text("max_batch_size: 4096")
+    repository = ModelRepository(Settings(model_repository=repository_with_config, verify_on_load=False))
+    await repository.rescan()
+    assert not repository.ready
+    (entry,) = await repository.index()
+    assert entry.state == "UNAVAILABLE" and "config.pbtxt: 'config' max_batch_size 4096 exceeds" in entry.reason
+    (repository_with_config / "mnist" / "config.pbtxt").write_text(PBTXT)
+    await repository.rescan()  # poll mode picks the fixed file up
+    try:
+        assert await repository.index() == [IndexEntry("mnist", "1", "READY")]
+    finally:
+        for mv in repository.versions():
+            await mv.unload()
+
+
+@pytest.mark.slow
+def test_the_server_serves_and_reports_the_folders_settings(repository_with_config, tmp_path):
+    server = start_server(repository_with_config, tmp_path)
+    try:
+        client = tc.InferenceServerClient(server.url)
+        config = client.get_model_config("mnist").config
+        assert config.max_batch_size == 8 and config.instance_group[0].count == 2
+        tensor = tc.InferInput("input", [9, 784], "UINT8")
+        tensor.set_data_from_numpy(np.zeros((9, 784), dtype=np.uint8))
+        with pytest.raises(InferenceServerException, match=r"INVALID_ARGUMENT.*batch of 9 images is over the model.s max_batch_size 8"):
+            client.infer("mnist", [tensor])
+        client.close()
+    finally:
+        assert server.stop() == 0, server.log()
