@@ -92,6 +92,7 @@ class DataPlane:
         """One inference, unary or streamed: the serialized ModelInferResponse. A streamed request waits for room
         in a full queue (the stream stops reading meanwhile) instead of being refused."""
         start = time.perf_counter()
+        request = received.message
         telemetry.request_started()
         mv: ModelVersion | None = None
         held = 0
@@ -99,16 +100,29 @@ class DataPlane:
             self.refuse_if_draining()
             if received.error:
                 raise InvalidInput(received.error)
-            mv = self.repository.get(received.message.model_name, received.message.model_version)
+            mv = self.repository.get(request.model_name, request.model_version)
             held = self._hold(mv, received.nbytes)
-            return await self._run(mv, received, deadline, stream, start)
-        except asyncio.CancelledError:
+            decoded = codec.decode_infer_request(request, mv.settings.max_batch_size, received.raw)
+            decoded_at = time.perf_counter()
+            answer = await mv.batcher.infer(decoded.images, deadline, wait=stream)
+            answered_at = time.perf_counter()
+            if decoded.labels is None:
+                receipt = self.receipts.issue(mv.name, mv.version, answer.classes)
+            else:  # scored now: no receipt to score them again
+                receipt = ""
+                mv.telemetry.score(answer.classes == decoded.labels)
+            response = codec.encode_infer_response(
+                request, mv.version, answer.probs, decoded.outputs, receipt, answer.classes
+            )
+            end = time.perf_counter()
+            mv.telemetry.record_success(
+                end - start, answer.probs.shape[0], answer.queue_s, decoded_at - start, answer.run_s, end - answered_at
+            )
+            return response
+        except BaseException as exc:  # CancelledError included: the client went away
             if mv is not None:
-                mv.telemetry.record_failure("CANCELLED", time.perf_counter() - start)
-            raise
-        except BaseException as exc:
-            if mv is not None:
-                mv.telemetry.record_failure(status_of(exc)[0].name, time.perf_counter() - start)
+                code = "CANCELLED" if isinstance(exc, asyncio.CancelledError) else status_of(exc)[0].name
+                mv.telemetry.record_failure(code, time.perf_counter() - start)
             raise
         finally:
             telemetry.request_ended()
@@ -122,25 +136,3 @@ class DataPlane:
             mv.telemetry.on_shed("inflight_bytes")
             raise
         return nbytes
-
-    async def _run(
-        self, mv: ModelVersion, received: wire.InferRequest, deadline: float | None, stream: bool, start: float
-    ) -> bytes:
-        """Decode, batch, score attached labels or issue a receipt, encode, record: the response bytes."""
-        request = received.message
-        decoded = codec.decode_infer_request(request, mv.settings.max_batch_size, received.raw)
-        decoded_at = time.perf_counter()
-        answer = await mv.batcher.infer(decoded.images, deadline, wait=stream)
-        answered_at = time.perf_counter()
-        if decoded.labels is not None:
-            mv.telemetry.score(answer.classes == decoded.labels)
-        # Labels attached to the request are scored already: no receipt to score them again.
-        receipt = "" if decoded.labels is not None else self.receipts.issue(mv.name, mv.version, answer.classes)
-        response = codec.encode_infer_response(
-            request, mv.version, answer.probs, decoded.outputs, receipt, answer.classes
-        )
-        end = time.perf_counter()
-        mv.telemetry.record_success(
-            end - start, answer.probs.shape[0], answer.queue_s, decoded_at - start, answer.run_s, end - answered_at
-        )
-        return response

@@ -238,12 +238,9 @@ def refused_unread() -> None:
     metrics.REQUESTS.labels("", "", "RESOURCE_EXHAUSTED").inc()
 
 
-def request_started() -> None:
-    metrics.IN_FLIGHT.inc()
-
-
-def request_ended() -> None:
-    metrics.IN_FLIGHT.dec()
+# Requests being handled (bound methods: called twice per request).
+request_started = metrics.IN_FLIGHT.inc
+request_ended = metrics.IN_FLIGHT.dec
 
 
 def feedback(model: str, version: str, outcome: str, labels: int) -> None:
