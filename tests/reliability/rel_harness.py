@@ -11,6 +11,7 @@ from pathlib import Path
 
 import grpc
 import numpy as np
+from prometheus_text import Snapshot
 from server_process import ServerProcess
 
 from serving.client import infer_request, probabilities
@@ -82,24 +83,12 @@ def infer_ok(server: ServerProcess, images: np.ndarray, version: str = "", timeo
 
 def metric_value(text: str, name: str, **labels: str) -> float:
     """The value of one sample in Prometheus text (0.0 when the series is absent)."""
-    for line in text.splitlines():
-        if not line.startswith(name + "{") and not line.startswith(name + " "):
-            continue
-        head, _, value = line.rpartition(" ")
-        if all(f'{k}="{v}"' in head for k, v in labels.items()):
-            return float(value)
-    return 0.0
+    return Snapshot(text).first(name, **labels)
 
 
 def metric_sum(text: str, name: str, **labels: str) -> float:
     """The sum of every sample of `name` whose labels include `labels` (e.g. over models and versions)."""
-    total = 0.0
-    for line in text.splitlines():
-        if line.startswith(name + "{") or line.startswith(name + " "):
-            head, _, value = line.rpartition(" ")
-            if all(f'{k}="{v}"' in head for k, v in labels.items()):
-                total += float(value)
-    return total
+    return Snapshot(text).get(name, **labels)
 
 
 def report(name: str, result: dict) -> None:
@@ -112,20 +101,7 @@ def report(name: str, result: dict) -> None:
 
 def histogram_quantile(text: str, name: str, q: float, **labels: str) -> float:
     """Upper bound (`le`) of the bucket holding quantile `q` of a Prometheus histogram (summed over series)."""
-    buckets: dict[float, float] = {}
-    for line in text.splitlines():
-        if not line.startswith(name + "_bucket{"):
-            continue
-        head, _, value = line.rpartition(" ")
-        if not all(f'{k}="{v}"' in head for k, v in labels.items()):
-            continue
-        le = head.split('le="')[1].split('"')[0]
-        bound = float("inf") if le == "+Inf" else float(le)
-        buckets[bound] = buckets.get(bound, 0.0) + float(value)
-    total = buckets.get(float("inf"), 0.0)
-    if not total:
-        raise ValueError(f"histogram {name} has no observations")
-    return next(bound for bound in sorted(buckets) if buckets[bound] >= q * total)
+    return Snapshot(text).quantile(name, q, **labels)
 
 
 def add_version(model_dir: Path, version: int, source: Path, onnx: bytes | None = None) -> Path:

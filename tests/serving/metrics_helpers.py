@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 
 import grpc
-from prometheus_client.parser import text_string_to_metric_families
+from prometheus_text import Snapshot
 
 from serving.protos import feedback_pb2_grpc
 from serving.protos import grpc_service_pb2_grpc as pb_grpc
@@ -16,26 +16,6 @@ GOLDEN = 1000  # canary images in these tests
 CANARY = "mnist_serving_canary_accuracy"
 RUNS = "mnist_serving_canary_runs_total"
 V1, V2 = {"model": "mnist", "version": "1"}, {"model": "mnist", "version": "2"}
-
-
-class Snapshot:
-    """One scrape of /metrics, parsed by prometheus_client's own parser."""
-
-    def __init__(self, text: str) -> None:
-        self.text = text
-        self.samples: list[tuple[str, dict[str, str], float]] = [
-            (s.name, s.labels, s.value) for family in text_string_to_metric_families(text) for s in family.samples
-        ]
-
-    def get(self, name: str, **labels: str) -> float:
-        """Sum of the samples called `name` whose labels include `labels` (0.0 when there are none)."""
-        return sum(v for n, lab, v in self.samples if n == name and labels.items() <= lab.items())
-
-    def series(self, name: str, **labels: str) -> list[tuple[dict[str, str], float]]:
-        return [(lab, v) for n, lab, v in self.samples if n == name and labels.items() <= lab.items()]
-
-    def has(self, name: str, **labels: str) -> bool:
-        return bool(self.series(name, **labels))
 
 
 def scrape(server) -> Snapshot:

@@ -103,7 +103,9 @@ def test_the_server_serves_and_reports_the_folders_settings(repository_with_conf
         assert config.max_batch_size == 8 and config.instance_group[0].count == 2
         tensor = tc.InferInput("input", [9, 784], "UINT8")
         tensor.set_data_from_numpy(np.zeros((9, 784), dtype=np.uint8))
-        with pytest.raises(InferenceServerException, match=r"INVALID_ARGUMENT.*batch of 9 images is over the model.s max_batch_size 8"):
+        with pytest.raises(
+            InferenceServerException, match=r"INVALID_ARGUMENT.*batch of 9 images is over the model.s max_batch_size 8"
+        ):
             client.infer("mnist", [tensor])
         client.close()
     finally:
