@@ -239,20 +239,53 @@ def parse_version_policy(text: str) -> tuple[str, tuple[int, ...]]:
     raise ValueError(f"'{text}' is not a version policy: use 'latest:N' (N >= 1), 'all' or 'specific:V[,V...]'")
 
 
+# The settings by concern, as `--help` lists them and docs/configuration.md documents them (a test checks both).
+GROUPS: dict[str, tuple[str, ...]] = {
+    "server": (
+        "model_repository", "host", "grpc_port", "workers", "max_message_bytes", "max_inflight_bytes",
+        "malloc_arena_max", "tls_cert", "tls_key", "log_level",
+    ),
+    "batching": ("max_batch_size", "max_queue_delay_us", "max_queue_images", "instance_count", "stream_max_in_flight"),
+    "runtime": (
+        "device", "cuda_device_id", "require_gpu", "tf32", "io_binding", "batch_buckets", "pinned_memory",
+        "cuda_graphs", "intra_op_threads",
+    ),
+    "models": (
+        "version_policy", "model_name", "model_control_mode", "model_poll_interval_s", "load_model",
+        "model_control_header", "verify_on_load", "data_dir",
+    ),
+    "observability": (
+        "metrics_port", "canary_interval_s", "canary_images", "accuracy_window", "receipt_key_file",
+        "receipt_max_age_s", "feedback_capacity",
+    ),
+    "drain": ("drain_delay_s", "grace_period_s", "max_connection_age_s", "max_connection_age_grace_s"),
+}  # fmt: skip
+
+
+def flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
 def parse_args(argv: list[str] | None = None) -> Settings:
     """Map `--flags` onto Settings; flags override SERVING_* environment variables."""
     parser = argparse.ArgumentParser(
         prog="python -m serving",
         description="V2 inference protocol gRPC server for the MNIST model on onnxruntime.",
     )
-    for name, field in Settings.model_fields.items():
-        flag = "--" + name.replace("_", "-")
-        if field.annotation is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=field.description)
-        elif field.annotation == list[str]:
-            parser.add_argument(flag, action="append", default=None, help=f"{field.description} (default: none)")
-        else:
-            parser.add_argument(flag, default=None, help=f"{field.description} (default: {field.default})")
+    for group, names in GROUPS.items():
+        section = parser.add_argument_group(group)
+        for name in names:
+            field = Settings.model_fields[name]
+            if field.annotation is bool:
+                section.add_argument(
+                    flag(name), action=argparse.BooleanOptionalAction, default=None, help=field.description
+                )
+            elif field.annotation == list[str]:
+                section.add_argument(
+                    flag(name), action="append", default=None, help=f"{field.description} (default: none)"
+                )
+            else:
+                section.add_argument(flag(name), default=None, help=f"{field.description} (default: {field.default})")
     given = {k: v for k, v in vars(parser.parse_args(argv)).items() if v is not None}
     try:
         return Settings(**given)
