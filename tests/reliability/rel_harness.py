@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
@@ -79,6 +80,18 @@ def infer_ok(server: ServerProcess, images: np.ndarray, version: str = "", timeo
             infer_request(images, "mnist", version), timeout=timeout
         )
     return probabilities(reply), reply.model_version
+
+
+@dataclass
+class Outcome:
+    """One request of a load test: when it was sent and answered, its status code, the version that answered it
+    and whether the answer was right."""
+
+    sent: float
+    done: float
+    code: str
+    version: str = ""
+    correct: bool = False
 
 
 def metric_value(text: str, name: str, **labels: str) -> float:

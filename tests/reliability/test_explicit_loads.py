@@ -12,7 +12,7 @@ import grpc
 import pytest
 import tritonclient.grpc as tc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from rel_harness import CLIENT_OPTIONS, infer_ok, metric_value, report, shifted_model, until
+from rel_harness import CLIENT_OPTIONS, Outcome, infer_ok, metric_value, report, shifted_model, until
 from server_process import start_server
 from tritonclient.utils import InferenceServerException
 
@@ -30,15 +30,6 @@ EXPLICIT = (
 CONFIG = json.dumps({"name": "mnist", "version_policy": {"latest": {"num_versions": 1}}})
 STREAMS = 4
 PROVIDER_INFO = "mnist_serving_execution_provider_info"
-
-
-@dataclass
-class Outcome:
-    sent: float
-    done: float
-    code: str
-    version: str = ""
-    correct: bool = False
 
 
 async def _stream(stub, reference, seed: int, outcomes: list[Outcome], stop: asyncio.Event) -> None:

@@ -6,13 +6,13 @@ import asyncio
 import logging
 import shutil
 import time
-from dataclasses import dataclass
 
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from rel_harness import (
     CLIENT_OPTIONS,
+    Outcome,
     add_version,
     channel,
     infer_ok,
@@ -33,15 +33,6 @@ from serving.server import InferenceServer
 STREAMS = 6
 PINNED = 2  # streams asking for version 2 explicitly while it is removed
 GUARD_S = 60  # hang guard for each wait; the poller reacts within a fraction of a second
-
-
-@dataclass
-class Outcome:
-    sent: float
-    done: float
-    code: str
-    version: str = ""
-    correct: bool = False
 
 
 async def _stream(stub, reference, seed: int, version: str, outcomes: list[Outcome], stop: asyncio.Event) -> None:
