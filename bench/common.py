@@ -43,7 +43,13 @@ def split_target(target: str) -> tuple[str, int]:
 
 
 def check_target(target: str, allow_remote: bool = False) -> str:
-    """Return the target if every address it resolves to is loopback (or allow_remote); else raise."""
+    """Return the target if every address it resolves to is loopback (or allow_remote); else raise. A gRPC
+    address list (`ipv4:127.0.0.1:8001,127.0.0.1:8003`, calls spread round robin) is checked address by address."""
+    scheme, _, addresses = target.partition(":")
+    if scheme in ("ipv4", "ipv6") and addresses:
+        for address in addresses.split(","):
+            check_target(address, allow_remote)
+        return target
     host, port = split_target(target)
     if allow_remote:
         return target
