@@ -43,7 +43,13 @@ def split_target(target: str) -> tuple[str, int]:
 
 
 def check_target(target: str, allow_remote: bool = False) -> str:
-    """Return the target if every address it resolves to is loopback (or allow_remote); else raise."""
+    """Return the target if every address it resolves to is loopback (or allow_remote); else raise. A gRPC
+    address list (`ipv4:127.0.0.1:8001,127.0.0.1:8003`, calls spread round robin) is checked address by address."""
+    scheme, _, addresses = target.partition(":")
+    if scheme in ("ipv4", "ipv6") and addresses:
+        for address in addresses.split(","):
+            check_target(address, allow_remote)
+        return target
     host, port = split_target(target)
     if allow_remote:
         return target
@@ -279,15 +285,21 @@ def launch(
 
 
 def start_serving(
-    repository: str | os.PathLike, log: Path, *extra: str, env: dict[str, str] | None = None, wait: bool = True
+    repository: str | os.PathLike,
+    log: Path,
+    *extra: str,
+    env: dict[str, str] | None = None,
+    wait: bool = True,
+    name: str = "serving",
 ) -> ChildServer:
     """`python -m serving` on free loopback ports, its output in `log` (a directory: server-<port>.log in it);
-    with `wait`, returns once it is SERVING (and stops it if it never gets there)."""
+    with `wait`, returns once it is SERVING (and stops it if it never gets there). Without: call wait_serving, or
+    wait_ready where several workers must all be ready."""
     grpc_port, metrics_port = free_port(), free_port()
     log = Path(log)
     log_path = log / f"server-{grpc_port}.log" if log.is_dir() else log
     cmd = serving_cmd(repository, grpc_port, metrics_port, *extra)
-    child = ChildServer("serving", cmd, grpc_port, log_path, env=env, metrics_port=metrics_port).start()
+    child = ChildServer(name, cmd, grpc_port, log_path, env=env, metrics_port=metrics_port).start()
     if wait:
         try:
             child.wait_serving()

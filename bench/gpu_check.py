@@ -17,20 +17,20 @@ import json
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import urllib.request
 from pathlib import Path
 
 import numpy as np
 
-from bench.common import REPO_ROOT, ChildServer, find_model, free_port, install_sigterm_exit, python_cmd
+from bench.common import REPO_ROOT, child_env, find_model, free_port, install_sigterm_exit, serving_cmd, start_serving
 from serving.runtime import FP32_TOLERANCE, TF32_TOLERANCE, describe_placement
 from training.data import to_model_input
 
 CUDA = "CUDAExecutionProvider"
 CPU = "CPUExecutionProvider"
 MAX_BATCH = 4096
+STREAMS, WINDOW = 4, 2  # the streaming step: 4 ModelStreamInfer streams, 2 batches of MAX_BATCH in flight on each
 # In-process variants of the CUDA path, each switched by the server's own settings.
 VARIANTS = {
     "plain (numpy in/out)": {"io_binding": "off"},
@@ -179,16 +179,16 @@ def check_refusal(checks: Checks, args, workdir: Path) -> None:
     )
 
 
-def server_cmd(repo: Path, port: int, mport: int, device: str, require: bool, workers: int, graphs: bool) -> list:
+def server_flags(device: str, require: bool, workers: int, graphs: bool) -> list[str]:
+    """The server flags of the check, beside the repository and ports of bench.common.serving_cmd."""
     # IO binding: auto is on with CUDA; a CPU rehearsal turns it on so the same bound path serves over gRPC.
-    return python_cmd(
-        "-m", "serving", "--model-repository", str(repo), "--grpc-port", str(port), "--metrics-port", str(mport),
+    return [
         "--io-binding", "on" if device == "cpu" else "auto",
         "--device", device, "--max-batch-size", str(MAX_BATCH), "--workers", str(workers), "--log-level", "WARNING",
         "--max-queue-images", str(16 * MAX_BATCH),  # c=8 of 4096 must queue, not be shed
         "--max-inflight-bytes", str(64 << 20),  # ... nor refused for memory (8 x 4096 UINT8 = 26 MB; the GPU overlay's)
         "--require-gpu" if require else "--no-require-gpu", "--cuda-graphs" if graphs else "--no-cuda-graphs",
-    )  # fmt: skip
+    ]  # fmt: skip
 
 
 def scrape(mport: int) -> str:
@@ -216,67 +216,6 @@ def grpc_answers(target: str, x: np.ndarray, y: np.ndarray, dtype: str) -> np.nd
     return np.concatenate(out)
 
 
-def stream_load(target: str, x: np.ndarray, y: np.ndarray, batch: int, streams: int, window: int, duration: float):
-    """Closed-loop ModelStreamInfer: `streams` streams, each with `window` requests in flight; None if unimplemented."""
-    import grpc
-
-    from bench.loadgen import build_requests
-    from serving.protos import grpc_service_pb2 as pb
-
-    requests, _ = build_requests(x, y, batch, "UINT8")
-    done, errors, lats = [0], [], []
-    stop_at = time.perf_counter() + duration
-    lock = threading.Lock()
-
-    def one_stream(k: int) -> None:
-        slots = threading.Semaphore(window)
-        sent: list[float] = []
-
-        def gen():
-            i = k
-            while time.perf_counter() < stop_at:
-                if not slots.acquire(timeout=0.1):
-                    continue  # re-check the clock: a stream that broke must not block this thread forever
-                sent.append(time.perf_counter())
-                yield requests[i % len(requests)]
-                i += streams
-
-        with grpc.insecure_channel(target) as ch:
-            call = ch.stream_stream("/inference.GRPCInferenceService/ModelStreamInfer")
-            try:
-                for j, raw in enumerate(call(gen(), timeout=duration + 30)):
-                    resp = pb.ModelStreamInferResponse.FromString(raw)
-                    with lock:
-                        if resp.error_message:
-                            errors.append(resp.error_message)
-                        else:
-                            done[0] += 1
-                            lats.append(time.perf_counter() - sent[j])
-                    slots.release()
-            except grpc.RpcError as exc:
-                with lock:
-                    errors.append(exc.code().name)
-
-    t0 = time.perf_counter()
-    threads = [threading.Thread(target=one_stream, args=(k,), daemon=True) for k in range(streams)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(duration + 60)
-    elapsed = time.perf_counter() - t0
-    if errors and errors[0] == "UNIMPLEMENTED":
-        return None
-    lat = np.array(lats) * 1e3 if lats else np.zeros(1)
-    return {
-        "label": f"stream x{streams} window={window} batch={batch} UINT8",
-        "img_per_s": round(done[0] * batch / elapsed, 1),
-        "req_per_s": round(done[0] / elapsed, 1),
-        "latency_ms": {"p50": round(float(np.percentile(lat, 50)), 4), "p99": round(float(np.percentile(lat, 99)), 4)},
-        "errors": len(errors),
-        "error_sample": errors[:3],
-    }
-
-
 def check_server(checks: Checks, repo: Path, x, y, p_cpu, args, logs: Path) -> dict:
     """The real server: CUDA proven active, answers like CPU over gRPC, then load: the default configuration for
     every worker count, then CUDA graphs on (one worker)."""
@@ -284,9 +223,8 @@ def check_server(checks: Checks, repo: Path, x, y, p_cpu, args, logs: Path) -> d
     require = args.expect == CUDA
     # --require-gpu must refuse a server that would run on CPU: start one with --device cpu and see it exit.
     if require:
-        port, mport = free_port(), free_port()
-        cmd = server_cmd(repo, port, mport, "cpu", True, 1, False)
-        done = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+        cmd = serving_cmd(repo, free_port(), free_port(), *server_flags("cpu", True, 1, False))
+        done = subprocess.run(cmd, cwd=REPO_ROOT, env=child_env(), capture_output=True, text=True, timeout=120)
         checks.add(
             "--require-gpu refuses to serve on CPU",
             done.returncode != 0 and "CUDA is not active" in (done.stdout + done.stderr),
@@ -306,14 +244,14 @@ def check_server(checks: Checks, repo: Path, x, y, p_cpu, args, logs: Path) -> d
                     _measure(checks, server, gens, x, y, p_cpu, args, out, workers, graphs)
     finally:
         gens[1].close()
-    errors = sum(sum(r["errors"].values()) for r in out["grpc"]) + sum(s["errors"] for s in out["stream"])
+    errors = sum(sum(r["errors"].values()) for r in out["grpc"] + out["stream"])
     checks.add("gRPC load without errors", errors == 0, f"{errors} errors")
     return out
 
 
 def _measure(checks: Checks, server, gens, x, y, p_cpu, args, out: dict, workers: int, graphs: bool) -> None:
     """One server configuration: provider and answers proven (first worker count), then load and streaming; gens:
-    the load generators for c=1 and for c>1."""
+    the load generators for one client process (c=1, the streams) and for c>1."""
     from bench.loadgen import Step, format_table
 
     config = "CUDA graphs" if graphs else "default"
@@ -341,25 +279,28 @@ def _measure(checks: Checks, server, gens, x, y, p_cpu, args, out: dict, workers
         rows.append({**gen.run(step), "workers": workers, "cuda_graphs": graphs})
     print(format_table(rows, f"over gRPC, {workers} worker(s), {config}, closed loop"))
     out["grpc"] += rows
-    stream = stream_load(server.target, x, y, MAX_BATCH, streams=4, window=2, duration=args.duration)
-    if stream is None:
+    # STREAMS streams of WINDOW in flight each, one connection per stream, from one client process.
+    stream_step = Step(
+        stream=True, concurrency=STREAMS * WINDOW, window=WINDOW, channels=STREAMS, batch=MAX_BATCH, dtype="UINT8",
+        duration=args.duration, warmup=0.5,
+    )  # fmt: skip
+    gens[0].retarget(server.target)
+    stream = {**gens[0].run(stream_step), "workers": workers, "cuda_graphs": graphs}
+    if "UNIMPLEMENTED" in stream["errors"]:
         checks.add(f"{server.name}: ModelStreamInfer", False, "UNIMPLEMENTED")
         return
-    stream.update(workers=workers, cuda_graphs=graphs)
     out["stream"].append(stream)
-    print(f"  {stream['label']}: {stream['img_per_s']:.0f} img/s, p99 {stream['latency_ms']['p99']} ms")
+    print(format_table([stream], f"over gRPC, ModelStreamInfer, {STREAMS} streams of {WINDOW} in flight"))
     if args.expect == CUDA:
         _no_cpu_series(checks, server.name, scrape(server.metrics_port))
 
 
 def _start(checks: Checks, repo: Path, device: str, require: bool, workers: int, graphs: bool, logs: Path):
     """A ready server (ChildServer with .metrics_port), or None after a failed check."""
-    port, mport = free_port(), free_port()
-    cmd = server_cmd(repo, port, mport, device, require, workers, graphs)
     name = f"server-{device}-w{workers}{'-graphs' if graphs else ''}"
-    print(f"\n{name}: {' '.join(cmd[1:])}", flush=True)
-    server = ChildServer(name, cmd, port, logs / f"{name}.log").start()
-    server.metrics_port = mport
+    flags = server_flags(device, require, workers, graphs)
+    server = start_serving(repo, logs / f"{name}.log", *flags, name=name, wait=False)
+    print(f"\n{name}: {' '.join(server.cmd[1:])}", flush=True)
     try:
         server.wait_ready(timeout=240)
     except (RuntimeError, TimeoutError) as exc:

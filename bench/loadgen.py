@@ -43,6 +43,7 @@ class Step:
     max_outstanding: int = 1024  # open loop: in-flight cap per client process (later requests wait, on the clock)
     model: str = MODEL_NAME
     stream: bool = False  # closed loop over ModelStreamInfer: one stream per connection, `concurrency` in flight
+    window: int = 0  # streams: requests in flight per stream (0: one stream per connection, the in-flight spread)
 
     def __post_init__(self) -> None:
         if self.mode not in ("closed", "open"):
@@ -55,12 +56,15 @@ class Step:
             raise ValueError("open loop needs a rate > 0")
         if self.stream and self.mode != "closed":
             raise ValueError("streaming steps are closed loop")
+        if self.window < 0 or (self.window and not self.stream):
+            raise ValueError("window (in flight per stream) is for streaming steps, >= 0")
         if self.batch < 1 or self.duration <= 0 or self.warmup < 0 or self.max_requests < 0:
             raise ValueError("batch >= 1, duration > 0, warmup >= 0, max_requests >= 0")
 
     def label(self) -> str:
         load = f"c={self.concurrency}" if self.mode == "closed" else f"rate={self.rate:g}/s"
-        return f"{'stream' if self.stream else self.mode} {load} batch={self.batch} {self.dtype}"
+        window = f" window={self.window}" if self.window else ""
+        return f"{'stream' if self.stream else self.mode} {load}{window} batch={self.batch} {self.dtype}"
 
 
 # ---------------------------------------------------------------- requests
@@ -124,9 +128,9 @@ async def _run_async(target: str, step: Step, requests, labels, part: int, parts
     if step.stream and not step.channels:
         n_channels = min(share, STREAMS_PER_PROCESS)  # several requests in flight on each stream
     # A private subchannel pool per channel: separate TCP connections (SO_REUSEPORT spreads them over workers).
-    channels = [
-        grpc.aio.insecure_channel(target, options=[("grpc.use_local_subchannel_pool", 1)]) for _ in range(n_channels)
-    ]
+    # Round robin: a target listing several servers (ipv4:a,b) spreads the calls; one server: no difference.
+    options = [("grpc.use_local_subchannel_pool", 1), ("grpc.lb_policy_name", "round_robin")]
+    channels = [grpc.aio.insecure_channel(target, options=options) for _ in range(n_channels)]
     calls = [ch.unary_unary(INFER_METHOD) for ch in channels]  # bytes in, bytes out: no client serialization
     try:
         await asyncio.wait_for(asyncio.gather(*(ch.channel_ready() for ch in channels)), step.timeout)
@@ -218,8 +222,11 @@ async def _run_async(target: str, step: Step, requests, labels, part: int, parts
                 lats.append(clock() - t_ref)
                 codes.append(code)
 
-        slots = [share // n_channels + (i < share % n_channels) for i in range(n_channels)]
-        await asyncio.gather(*(streamer(ch, k) for ch, k in zip(channels, slots, strict=True) if k))
+        if step.window:  # streams of `window` in flight each, taking the connections in turn
+            slots = [min(step.window, share - k) for k in range(0, share, step.window)]
+        else:  # one stream per connection
+            slots = [share // n_channels + (i < share % n_channels) for i in range(n_channels)]
+        await asyncio.gather(*(streamer(channels[i % n_channels], k) for i, k in enumerate(slots) if k))
     elif step.mode == "closed":
         bounded = step.max_requests > 0
         budget = [_share_requests(step.max_requests, part, parts)]
@@ -541,6 +548,7 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--max-outstanding", type=int, default=1024, help="open loop: in-flight cap per process")
     p.add_argument("--client-procs", type=int, default=1, help="client processes sharing the load")
     p.add_argument("--stream", action="store_true", help="closed loop over ModelStreamInfer (one stream/connection)")
+    p.add_argument("--window", type=int, default=0, help="--stream: in flight per stream (0: one stream/connection)")
     p.add_argument("--model", default=MODEL_NAME)
     p.add_argument("--data-dir", default="data")
     p.add_argument("--json", type=Path, help="also write the results here")
@@ -557,7 +565,7 @@ def main(argv: list[str] | None = None) -> int:
     common = dict(
         batch=args.batch, dtype=args.dtype, duration=args.duration, warmup=args.warmup,
         max_requests=args.max_requests, timeout=args.timeout, channels=args.channels,
-        max_outstanding=args.max_outstanding, model=args.model, stream=args.stream,
+        max_outstanding=args.max_outstanding, model=args.model, stream=args.stream, window=args.window,
     )  # fmt: skip
     if args.rate > 0:
         steps = [Step(mode="open", rate=args.rate, **common)]

@@ -15,7 +15,6 @@ import argparse
 import json
 import math
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -28,7 +27,6 @@ from pathlib import Path
 
 import grpc
 import numpy as np
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a script from anywhere
@@ -164,21 +162,15 @@ class Server:
         cmd = serving_cmd(args.model_repository, self.grpc_port, self.metrics_port, *extra)
         self.child = ChildServer("serving", cmd, self.grpc_port, self.log, metrics_port=self.metrics_port).start()
         self.proc = self.child.proc
-        _wait("server SERVING", self._serving, 60, self.proc, self.log)
-
-    def _serving(self) -> bool:
-        with grpc.insecure_channel(self.url) as channel:
-            reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=1)
-        return reply.status == health_pb2.HealthCheckResponse.SERVING
+        try:
+            self.child.wait_serving(60)
+        except BaseException:
+            self.child.stop()
+            raise
 
     def stop(self) -> int | None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                pass
-        self.child.stop(grace=1.0)  # whatever is left of its process group
+        """SIGTERM (a drain), SIGKILL for what is left after 30 s; the server's exit code."""
+        self.child.stop(grace=30.0)
         return self.proc.returncode
 
 

@@ -12,8 +12,6 @@ import argparse
 import asyncio
 import json
 import random
-import signal
-import subprocess
 import sys
 import time
 import urllib.request
@@ -27,7 +25,7 @@ import psutil
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.common import find_model, start_serving  # noqa: E402
+from bench.common import ChildServer, find_model, start_serving  # noqa: E402
 from serving.client import feedback_request, infer_request, probabilities, receipt_of  # noqa: E402
 from serving.protos import feedback_pb2_grpc  # noqa: E402
 from serving.protos import grpc_service_pb2 as pb  # noqa: E402
@@ -164,12 +162,11 @@ def _percentiles(latencies: list[tuple[float, float]], lo: float, hi: float) -> 
     return {"requests": len(window), "p50_ms": round(p50 * 1e3, 2), "p99_ms": round(p99 * 1e3, 2)}
 
 
-def start_server(repository: Path, log_path: Path, extra: list[str]) -> tuple[subprocess.Popen, str, int]:
+def start_server(repository: Path, log_path: Path, extra: list[str]) -> ChildServer:
     try:
-        child = start_serving(repository, log_path, *extra)
+        return start_serving(repository, log_path, *extra)
     except (RuntimeError, TimeoutError) as exc:
         raise SystemExit(str(exc)) from None
-    return child.proc, child.target, child.metrics_port
 
 
 def soak(args: argparse.Namespace) -> dict:
@@ -181,25 +178,26 @@ def soak(args: argparse.Namespace) -> dict:
     expected = session.run(None, {session.get_inputs()[0].name: to_model_input(images)})[0]
 
     log_path = Path(args.log)
-    proc, url, metrics_port = start_server(args.model_repository, log_path, args.server_args.split())
-    _say(f"soak: server pid {proc.pid} on {url}; {args.concurrency} clients for {args.duration_s:.0f} s")
-    load = Soak(url, images, labels, expected, args.seed)
+    server = start_server(args.model_repository, log_path, args.server_args.split())
+    pid = server.proc.pid
+    _say(f"soak: server pid {pid} on {server.target}; {args.concurrency} clients for {args.duration_s:.0f} s")
+    load = Soak(server.target, images, labels, expected, args.seed)
     samples: list[tuple[float, int, float]] = []
     started = time.monotonic()
 
     async def main():
         await asyncio.gather(
             load.run(args.concurrency, args.duration_s),
-            _sample(proc.pid, args.sample_interval_s, started + args.duration_s, samples),
+            _sample(pid, args.sample_interval_s, started + args.duration_s, samples),
         )
 
     try:
         asyncio.run(main())
-        with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as r:
+        with urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=10) as r:
             internal = [ln for ln in r.read().decode().splitlines() if 'code="INTERNAL"' in ln]
     finally:
-        proc.send_signal(signal.SIGTERM)
-        exit_code = proc.wait(60)
+        server.stop(grace=60)  # SIGTERM: the drain; a server still there after 60 s is killed (a failed drain)
+    exit_code = server.proc.returncode
     if exit_code != 0:
         load._error("drain", f"server exit code {exit_code}")
     for line in internal:

@@ -81,6 +81,9 @@ def test_rehearsal_on_cpu_over_grpc_serves_through_io_binding_like_cpu(trained_r
         "closed c=8 batch=4096 UINT8",
     ]  # fmt: skip
     assert all(not r["errors"] and r["ok"] > 0 for r in report["server"]["grpc"])
+    # The streaming step: the load generator's, 4 streams of 2 batches of 4096 in flight.
+    assert [s["label"] for s in report["server"]["stream"]] == ["stream c=8 window=2 batch=4096 UINT8"]
+    assert all(not s["errors"] and s["ok"] > 0 and s["img_per_s"] > 0 for s in report["server"]["stream"])
     assert [g["goal"].split(" ")[0] for g in report["goals"]] == [
         "CPUExecutionProvider",
         "answers",

@@ -117,9 +117,16 @@ def test_non_loopback_targets_are_refused(target, test_set):
     assert main(["--target", target, "--duration", "0.1"]) == 2
 
 
-@pytest.mark.parametrize("target", ["127.0.0.1:1", "localhost:8001", "[::1]:8001", "127.0.0.2:5"])
+@pytest.mark.parametrize(
+    "target", ["127.0.0.1:1", "localhost:8001", "[::1]:8001", "127.0.0.2:5", "ipv4:127.0.0.1:1,127.0.0.1:2"]
+)
 def test_loopback_targets_are_accepted(target):
     assert check_target(target) == target
+
+
+def test_an_address_list_is_checked_address_by_address():
+    with pytest.raises(NonLoopbackTarget):
+        check_target("ipv4:127.0.0.1:1,10.0.0.1:2")
 
 
 def test_malformed_target_is_refused():
@@ -134,6 +141,8 @@ def test_step_validation():
         Step(mode="open", rate=0)
     with pytest.raises(ValueError):
         Step(concurrency=0)
+    with pytest.raises(ValueError):
+        Step(window=2)  # in flight per stream: streaming steps only
 
 
 @pytest.mark.slow
@@ -167,3 +176,23 @@ def test_streaming_closed_loop_answers_each_request_once(nocompute, test_set):
     assert r["ok"] == r["requests"] == r["answered_images"] == 300 and r["errors"] == {}
     assert r["accuracy"] == pytest.approx(np.mean(y[:300] == CONSTANT_CLASS), abs=1e-5)
     _sane(r)
+
+
+def test_streams_of_a_window_each(nocompute, test_set):
+    """window=1: as many streams as requests in flight, one each, over fewer connections; all answered once."""
+    x, y = test_set
+    with LoadGenerator(nocompute.target, x, y) as gen:
+        r = gen.run(Step(concurrency=6, channels=2, window=1, duration=60, warmup=0, max_requests=120, stream=True))
+    assert r["label"] == "stream c=6 window=1 batch=1 FP32"
+    assert r["ok"] == r["requests"] == r["answered_images"] == 120 and r["errors"] == {}
+    _sane(r)
+
+
+def test_an_address_list_spreads_calls_over_its_servers(nocompute, slow_nocompute, test_set):
+    """ipv4:fast,slow: each channel calls both servers in turn (round robin); pick_first would call only the
+    first (fast) one, and no answer would take the slow one's 20 ms."""
+    x, y = test_set
+    with LoadGenerator(f"ipv4:{nocompute.target},{slow_nocompute.target}", x, y) as gen:
+        r = gen.run(Step(concurrency=4, channels=1, duration=60, warmup=0, max_requests=200))
+    assert r["ok"] == 200 and r["errors"] == {}
+    assert r["latency_ms"]["p90"] >= 20
