@@ -1,12 +1,10 @@
-"""Prometheus metrics: definitions, per-version label binding, and the /metrics HTTP endpoint."""
+"""Prometheus metrics: the series' definitions and the /metrics HTTP endpoint (serving.telemetry writes them)."""
 
 from __future__ import annotations
 
 import logging
-import math
 import os
 
-import numpy as np
 from prometheus_client import (
     CollectorRegistry,
     Counter,
@@ -87,54 +85,6 @@ CANARY_ACCURACY = Gauge(
 CANARY_RUNS = Counter(f"{PREFIX}_canary_runs", "Canary evaluations by result (ok, error).", (*MV, "result"))
 PREDICTIONS = Counter(f"{PREFIX}_predictions", "Predicted classes (drift signal, needs no labels).", (*MV, "class"))
 CONFIDENCE = Histogram(f"{PREFIX}_confidence", "Top-class probability of each answer.", MV, buckets=CONFIDENCE_BUCKETS)
-
-
-def observe_many(histogram, values) -> None:
-    """`histogram.observe(v)` for every v in `values`, at the cost of one (a batch's confidences, not a loop).
-
-    prometheus_client has no bulk observe: this adds the values' bucket counts and sum to the child's own
-    counters (what observe() does one value at a time)."""
-    if len(values) < 8:  # numpy's set-up costs more than a few observe() calls
-        for v in values:
-            histogram.observe(float(v))
-        return
-    values = np.asarray(values, dtype=np.float64)  # what observe(float(v)) compares and adds
-    bounds = histogram._upper_bounds
-    counts = np.bincount(np.searchsorted(bounds, values, side="left"), minlength=len(bounds))
-    for i in np.flatnonzero(counts).tolist():
-        histogram._buckets[i].inc(int(counts[i]))
-    histogram._sum.inc(float(values.sum()))
-
-
-def set_placement(model: str, version: str, provider: str, placement: dict[str, dict[str, list]]) -> None:
-    """The provider running a version and how many of its nodes each provider runs, per input type."""
-    PROVIDER.labels(model, version, provider).set(1)
-    for input_type, providers in placement.items():
-        for name, ops in providers.items():
-            EXECUTION_NODES.labels(model, version, input_type, name).set(len(ops))
-
-
-def forget_version(model: str, version: str, provider: str, placement: dict[str, dict[str, list]]) -> None:
-    """Drop the per-version series of an unloaded model version (its gauges, its provider and placement)."""
-    gauges = (OFFLINE_ACCURACY, MODEL_LOAD, QUEUE_IMAGES, ONLINE_ACCURACY, CANARY_ACCURACY)
-    nodes = [(input_type, name) for input_type, providers in placement.items() for name in providers]
-    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
-        # remove() cannot delete a series from the shared files (it only warns): blank the values instead,
-        # so an unloaded version stops reporting its last accuracy and its provider.
-        for metric in gauges:
-            metric.labels(model, version).set(0 if metric is QUEUE_IMAGES else math.nan)
-        PROVIDER.labels(model, version, provider).set(0)
-        for input_type, name in nodes:
-            EXECUTION_NODES.labels(model, version, input_type, name).set(0)
-        return
-    for metric in gauges:
-        try:
-            metric.remove(model, version)
-        except KeyError:
-            pass
-    PROVIDER.remove(model, version, provider)
-    for input_type, name in nodes:
-        EXECUTION_NODES.remove(model, version, input_type, name)
 
 
 def start_metrics_server(port: int, host: str) -> None:

@@ -10,6 +10,7 @@ loaded version, load failures, --require-gpu) are the module's functions. Nothin
 from __future__ import annotations
 
 import math
+import os
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -116,6 +117,58 @@ class AccuracyWindow:
         return self._correct / len(self._outcomes) if self._outcomes else math.nan
 
 
+# ------------------------------------------------------------------ series helpers
+
+
+def observe_many(histogram, values) -> None:
+    """`histogram.observe(v)` for every v in `values`, at the cost of one (a batch's confidences, not a loop).
+
+    prometheus_client has no bulk observe: this adds the values' bucket counts and sum to the child's own
+    counters (what observe() does one value at a time)."""
+    if len(values) < 8:  # numpy's set-up costs more than a few observe() calls
+        for v in values:
+            histogram.observe(float(v))
+        return
+    values = np.asarray(values, dtype=np.float64)  # what observe(float(v)) compares and adds
+    bounds = histogram._upper_bounds
+    counts = np.bincount(np.searchsorted(bounds, values, side="left"), minlength=len(bounds))
+    for i in np.flatnonzero(counts).tolist():
+        histogram._buckets[i].inc(int(counts[i]))
+    histogram._sum.inc(float(values.sum()))
+
+
+def set_placement(model: str, version: str, provider: str, placement: dict[str, dict[str, list]]) -> None:
+    """The provider running a version and how many of its nodes each provider runs, per input type."""
+    metrics.PROVIDER.labels(model, version, provider).set(1)
+    for input_type, providers in placement.items():
+        for name, ops in providers.items():
+            metrics.EXECUTION_NODES.labels(model, version, input_type, name).set(len(ops))
+
+
+def forget_version(model: str, version: str, provider: str, placement: dict[str, dict[str, list]]) -> None:
+    """Drop the per-version series of an unloaded model version (its gauges, its provider and placement)."""
+    gauges = (metrics.OFFLINE_ACCURACY, metrics.MODEL_LOAD, metrics.QUEUE_IMAGES, metrics.ONLINE_ACCURACY,
+              metrics.CANARY_ACCURACY)  # fmt: skip
+    nodes = [(input_type, name) for input_type, providers in placement.items() for name in providers]
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        # remove() cannot delete a series from the shared files (it only warns): blank the values instead,
+        # so an unloaded version stops reporting its last accuracy and its provider.
+        for metric in gauges:
+            metric.labels(model, version).set(0 if metric is metrics.QUEUE_IMAGES else math.nan)
+        metrics.PROVIDER.labels(model, version, provider).set(0)
+        for input_type, name in nodes:
+            metrics.EXECUTION_NODES.labels(model, version, input_type, name).set(0)
+        return
+    for metric in gauges:
+        try:
+            metric.remove(model, version)
+        except KeyError:
+            pass
+    metrics.PROVIDER.remove(model, version, provider)
+    for input_type, name in nodes:
+        metrics.EXECUTION_NODES.remove(model, version, input_type, name)
+
+
 # ------------------------------------------------------------------ one model version
 
 
@@ -147,14 +200,14 @@ class VersionTelemetry:
         """The version serves: where it runs, how long it took to load, the accuracy its export recorded."""
         self._provider, self._placement = provider, placement
         self._online.set(math.nan)  # no labelled answer yet: 0 would read as 0% accurate
-        metrics.set_placement(self.name, self.version, provider, placement)
+        set_placement(self.name, self.version, provider, placement)
         metrics.MODEL_LOAD.labels(self.name, self.version).set(load_seconds)
         if "test_accuracy" in metadata:
             metrics.OFFLINE_ACCURACY.labels(self.name, self.version).set(float(metadata["test_accuracy"]))
 
     def forget(self) -> None:
         """The version is unloaded: its gauges, provider and placement series go."""
-        metrics.forget_version(self.name, self.version, self._provider, self._placement)
+        forget_version(self.name, self.version, self._provider, self._placement)
 
     # The batcher's observer: called on the event loop once per run.
     def on_batch(self, images: int, requests: int, seconds: float, input_s: float, output_s: float) -> None:
@@ -174,7 +227,7 @@ class VersionTelemetry:
         request's figures when it is answered: record_success)."""
         images = classes.size
         self._images.inc(images)
-        metrics.observe_many(self._queue_duration, waits)
+        observe_many(self._queue_duration, waits)
         if images == 1:
             c = int(classes[0])
             self._predicted[c].inc()
@@ -183,7 +236,7 @@ class VersionTelemetry:
             for c, count in enumerate(np.bincount(classes, minlength=NUM_CLASSES).tolist()):
                 if count:
                     self._predicted[c].inc(count)
-            metrics.observe_many(self._confidence, probs.max(axis=1))
+            observe_many(self._confidence, probs.max(axis=1))
 
     def on_shed(self, reason: str, count: int = 1) -> None:
         metrics.SHED.labels(self.name, self.version, reason).inc(count)
