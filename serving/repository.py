@@ -6,7 +6,7 @@ import asyncio
 import json
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from serving import telemetry
@@ -204,6 +204,10 @@ class ModelRepository:
         config.pbtxt / config.json over the server's flags, else the flags. InvalidInput for a bad file."""
         if name in self.model_settings:
             return self.model_settings[name]
+        return self.folder_settings(name)
+
+    def folder_settings(self, name: str) -> Settings:
+        """The model folder's config.pbtxt / config.json over the server's flags, else the flags."""
         return settings_from_file(self._model_dir(name), name, self.settings) or self.settings
 
     def _model_dir(self, name: str) -> Path:
@@ -298,14 +302,16 @@ class ModelRepository:
         settings: dict[str, Settings | None] | None = None,
     ) -> dict[tuple[str, int], str]:
         """Load what `found` and the version policy want, unload the rest, for the models in `scope` (None:
-        every model). `settings` replaces models' settings (a None value: back to the server's) once they load.
+        every model). `settings` replaces models' settings (a None value: back to the folder's file or the flags)
+        once they load; a loaded version whose settings change is loaded again with them and replaces the old one.
         `atomic`: a model with a failed version gets back exactly what it served before. Returns the versions
         that failed in this call."""
         settings = settings or {}
         async with self._lock:
-            wanted, added, failures = await self._load_wanted(found, settings, atomic)
-            refused = {name for name, _ in failures} if atomic else set()
-            await self._unload_unwanted(found, wanted, added, refused, scope)
+            change = _Change()
+            await self._load_wanted(found, settings, atomic, change)
+            refused = {name for name, _ in change.failures} if atomic else set()
+            await self._unload_unwanted(found, change, refused, scope)
             for name, given in settings.items():
                 if name not in refused and given is not None:
                     self.model_settings[name] = given
@@ -316,65 +322,92 @@ class ModelRepository:
                 for k, v in self.failed.items()
                 if (scope is not None and k[0] not in scope) or k[1] in found.get(k[0], {})
             }
-            return failures
+            return change.failures
 
-    async def _load_wanted(self, found: dict[str, dict[int, Path]], settings: dict[str, Settings | None], atomic: bool):
-        """Load the versions the policy wants that are not loaded yet (one bad version does not stop the others,
-        unless `atomic`). Returns (versions wanted per model, versions loaded now per model, failures)."""
-        wanted: dict[str, set[int]] = {}
-        added: dict[str, list[int]] = {}
-        failures: dict[tuple[str, int], str] = {}
+    def _chosen_settings(self, name: str, settings: dict[str, Settings | None]) -> Settings:
+        """What `name` loads with in this sync: the settings given for it (None: its folder's file or the flags),
+        else what it had."""
+        return (settings[name] or self.folder_settings(name)) if name in settings else self.settings_for(name)
+
+    async def _load_wanted(self, found, settings: dict[str, Settings | None], atomic: bool, change: _Change) -> None:
+        """Load the versions the policy wants that are not loaded yet, or loaded with other settings (one bad
+        version does not stop the others, unless `atomic`)."""
         for name, versions in found.items():
             try:
-                chosen = (settings[name] or self.settings) if name in settings else self.settings_for(name)
+                chosen = self._chosen_settings(name, settings)
             except InvalidInput as exc:  # the model's config file: every version refused, with the reason
                 for version in versions:
-                    self._refuse(name, version, str(exc), failures)
+                    self._refuse(name, version, str(exc), change.failures)
                 self.bad_config.add(name)
                 continue
             if name in self.bad_config:  # the file was fixed: its versions may load now
                 self.bad_config.discard(name)
                 self.failed = {k: v for k, v in self.failed.items() if k[0] != name}
             candidates, limit = policy_candidates(versions, chosen)
-            keep = wanted.setdefault(name, set())
+            keep = change.wanted.setdefault(name, set())
             for version in candidates:
                 if len(keep) >= limit:
                     break
-                if version in self.models.get(name, {}):
+                current = self.models.get(name, {}).get(version)
+                if current is not None and current.settings == chosen:
                     keep.add(version)
                     continue
                 if (name, version) in self.failed:
                     continue
-                try:
-                    mv = await asyncio.to_thread(ModelVersion, name, version, versions[version], chosen)
-                except Exception as exc:  # one bad version must not take the good ones down
-                    self._refuse(name, version, str(exc), failures)
+                if await self._load_version(name, version, versions[version], chosen, change):
+                    keep.add(version)
+                elif current is not None:
+                    keep.add(version)  # the old settings serve on
                     if atomic:
                         break
-                    continue
-                self.models.setdefault(name, {})[version] = mv
-                added.setdefault(name, []).append(version)
-                keep.add(version)
-                log.info(
-                    "loaded model %s version %d on %s in %.2fs (offline accuracy %s)",
-                    name, version, mv.provider, mv.load_seconds, mv.metadata.get("test_accuracy", "n/a"),
-                )  # fmt: skip
-        return wanted, added, failures
+                elif atomic:
+                    break
+
+    async def _load_version(self, name: str, version: int, path: Path, chosen: Settings, change: _Change) -> bool:
+        """Load one version (verified as at start-up) and put it in place; the one it replaces is kept in
+        `change` to be drained. False, with the failure recorded, when it does not load."""
+        try:
+            mv = await asyncio.to_thread(ModelVersion, name, version, path, chosen)
+        except Exception as exc:  # one bad version must not take the good ones down
+            self._refuse(name, version, str(exc), change.failures)
+            return False
+        old = self.models.setdefault(name, {}).get(version)
+        self.models[name][version] = mv
+        if old is not None:
+            change.replaced[(name, version)] = old
+        change.added.setdefault(name, []).append(version)
+        log.info(
+            "loaded model %s version %d on %s in %.2fs (offline accuracy %s)%s",
+            name, version, mv.provider, mv.load_seconds, mv.metadata.get("test_accuracy", "n/a"),
+            " with new settings, replacing the loaded one" if old is not None else "",
+        )  # fmt: skip
+        return True
 
     def _refuse(self, name: str, version: int, reason: str, failures: dict) -> None:
         self.failed[(name, version)] = failures[(name, version)] = reason
         telemetry.load_failed(name)
         log.error("model %s version %d rejected: %s", name, version, reason)
 
-    async def _unload_unwanted(self, found, wanted, added, refused: set[str], scope: set[str] | None) -> None:
-        """Unload (drained first) what the policy no longer wants; for a `refused` model, what this call added."""
+    async def _unload_unwanted(self, found, change: _Change, refused: set[str], scope: set[str] | None) -> None:
+        """Unload (drained first) what the policy no longer wants and the versions replaced by a reload; for a
+        `refused` model, what this call added, putting back what it replaced."""
+        for (name, version), old in list(change.replaced.items()):
+            if name in refused:  # roll back: the reloaded version goes, the old one serves again
+                new = self.models[name][version]
+                self.models[name][version] = old
+                old, why = new, "rolled back: another version of this load failed"
+                change.added[name].remove(version)
+            else:
+                why = "replaced: loaded again with new settings"
+            log.info("unloading model %s version %d (%s)", name, version, why)
+            await old.unload()
         for name, loaded in list(self.models.items()):
             if scope is not None and name not in scope:
                 continue
             if name in refused:  # roll back: what this call loaded goes, what was served stays
-                gone = added.get(name, [])
+                gone = change.added.get(name, [])
             else:
-                gone = [v for v in loaded if v not in wanted.get(name, set())]
+                gone = [v for v in loaded if v not in change.wanted.get(name, set())]
             for version in gone:
                 mv = loaded.pop(version)
                 if name in refused:
@@ -387,3 +420,14 @@ class ModelRepository:
                 await mv.unload()
             if not loaded:
                 del self.models[name]
+
+
+@dataclass
+class _Change:
+    """What one sync did: versions wanted per model, versions loaded now, the loaded versions they replaced,
+    and the versions that failed."""
+
+    wanted: dict[str, set[int]] = field(default_factory=dict)
+    added: dict[str, list[int]] = field(default_factory=dict)
+    replaced: dict[tuple[str, int], ModelVersion] = field(default_factory=dict)
+    failures: dict[tuple[str, int], str] = field(default_factory=dict)

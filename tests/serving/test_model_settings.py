@@ -110,3 +110,77 @@ def test_the_server_serves_and_reports_the_folders_settings(repository_with_conf
         client.close()
     finally:
         assert server.stop() == 0, server.log()
+
+
+def _explicit(repo) -> Settings:
+    return Settings(
+        model_repository=repo, verify_on_load=False, model_control_mode="explicit",
+        model_control_header="x-model-control=s3cret", load_model=["mnist"],
+    )  # fmt: skip
+
+
+async def test_a_load_with_new_settings_reloads_the_loaded_version_and_one_without_goes_back_to_the_file(
+    repository_with_config,
+):
+    """As in Triton: loading a loaded model with another config loads it again with that config (the old one
+    serves until the new one is ready, then drains); a load without config takes the folder's config.pbtxt."""
+    from serving.model_control import LoadOptions, ModelControl
+
+    repository = ModelRepository(_explicit(repository_with_config))
+    await repository.load_all()
+    control = ModelControl(repository, repository.settings)
+    try:
+        first = repository.get("mnist")
+        await control.load("mnist", LoadOptions(config='{"max_batch_size": 16}'))
+        second = repository.get("mnist")
+        await control.load("mnist", LoadOptions())
+        third = repository.get("mnist")
+        await control.load("mnist", LoadOptions())  # nothing changed: nothing reloaded
+        fourth = repository.get("mnist")
+    finally:
+        for mv in repository.versions():
+            await mv.unload()
+        control.close()
+    assert [mv.settings.max_batch_size for mv in (first, second, third)] == [8, 16, 8]
+    assert first is not second and second is not third and fourth is third
+    assert first.batcher._closed and second.batcher._closed  # the replaced versions were drained and closed
+
+
+async def test_a_reload_that_fails_keeps_the_loaded_version_with_its_settings(repository_with_config):
+    from serving.errors import ModelLoadFailed
+    from serving.model_control import LoadOptions, ModelControl
+
+    repository = ModelRepository(_explicit(repository_with_config))
+    await repository.load_all()
+    control = ModelControl(repository, repository.settings)
+    before = repository.get("mnist")
+    (repository_with_config / "mnist" / "1" / "model.onnx").write_bytes(b"broken since it was loaded")
+    try:
+        with pytest.raises(ModelLoadFailed, match="version 1: cannot load.*still serving versions: 1"):
+            await control.load("mnist", LoadOptions(config='{"max_batch_size": 16}'))
+        after = repository.get("mnist")
+    finally:
+        for mv in repository.versions():
+            await mv.unload()
+        control.close()
+    assert (
+        after is before and after.settings.max_batch_size == 8 and repository.settings_for("mnist").max_batch_size == 8
+    )
+
+
+async def test_poll_mode_reloads_a_version_when_its_config_file_changes(repository_with_config):
+    repository = ModelRepository(Settings(model_repository=repository_with_config, verify_on_load=False))
+    await repository.rescan()
+    try:
+        first = repository.get("mnist")
+        (repository_with_config / "mnist" / "config.pbtxt").write_text(
+            PBTXT.replace("max_batch_size: 8", "max_batch_size: 32")
+        )
+        await repository.rescan()
+        second = repository.get("mnist")
+        await repository.rescan()
+        third = repository.get("mnist")
+    finally:
+        for mv in repository.versions():
+            await mv.unload()
+    assert (first.settings.max_batch_size, second.settings.max_batch_size) == (8, 32) and third is second
