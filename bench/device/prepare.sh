@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # Run HERE (not on the GPU machine), from the repository root, before the device calls of `make gpu-check`.
 # Builds everything the GPU machine lacks, all ignored by git (.gpu/):
-#   .gpu/parts/partNN        onnxruntime-gpu (pinned version) split into parts of PART_MB  (../shared/gpu/pack-ort-gpu.sh)
+#   .gpu/parts/partNN        onnxruntime-gpu (pinned version) split into parts of PART_MB  ($SHARED_GPU/pack-ort-gpu.sh)
 #   .gpu/carry/whl/          wheels the device image lacks, for Python 3.12 manylinux, versions from our pins/venv
 #   .gpu/carry/model_repository, .gpu/carry/data/mnist.npz   the model to serve and the test set
 # The call sequence is in bench/README.md ("GPU check on a lent device").
 set -euo pipefail
 cd "$(git rev-parse --show-toplevel)"
-SHARED_GPU=${SHARED_GPU:-../shared/gpu}
+# SHARED_GPU: the folder holding the packing script pack-ort-gpu.sh (provided with the lent machine).
+SHARED_GPU=${SHARED_GPU:?set SHARED_GPU to the folder with pack-ort-gpu.sh}
 PY=${PY:-.venv/bin/python}
 MODEL_REPO=${MODEL_REPO:-model_repository}
 ORT_VERSION=$(python3 deploy/docker/requirements.py --extra runtime | sed -n 's/^onnxruntime==//p')
