@@ -51,12 +51,20 @@ class ModelVersion:
             self.batcher.close()
             raise
         self.load_seconds = time.perf_counter() - started
+        self.announce()
+
+    def announce(self) -> None:
+        """Set the version's gauges (provider, placement, load time, recorded accuracy): at load, and again when
+        it serves on after a reload of the same version was rolled back (the two share their series)."""
         self.telemetry.loaded(self.provider, self.model.placement, self.load_seconds, self.metadata)
 
-    async def unload(self) -> None:
+    async def unload(self, forget: bool = True) -> None:
+        """Answer what is queued, stop the execution threads and, unless another load of the same version takes
+        its place (`forget=False`), drop its series."""
         await self.batcher.drain()
         self.batcher.close()
-        self.telemetry.forget()
+        if forget:
+            self.telemetry.forget()
 
 
 # A version is refused if it scores more than golden.TOLERANCE below its recorded accuracy on these images.
@@ -392,15 +400,19 @@ class ModelRepository:
         """Unload (drained first) what the policy no longer wants and the versions replaced by a reload; for a
         `refused` model, what this call added, putting back what it replaced."""
         for (name, version), old in list(change.replaced.items()):
+            # The two loads of one version share its series: the one that goes must not drop them.
             if name in refused:  # roll back: the reloaded version goes, the old one serves again
                 new = self.models[name][version]
                 self.models[name][version] = old
-                old, why = new, "rolled back: another version of this load failed"
                 change.added[name].remove(version)
+                log.info(
+                    "unloading model %s version %d (rolled back: another version of this load failed)", name, version
+                )
+                await new.unload(forget=False)
+                old.announce()
             else:
-                why = "replaced: loaded again with new settings"
-            log.info("unloading model %s version %d (%s)", name, version, why)
-            await old.unload()
+                log.info("unloading model %s version %d (replaced: loaded again with new settings)", name, version)
+                await old.unload(forget=False)
         for name, loaded in list(self.models.items()):
             if scope is not None and name not in scope:
                 continue

@@ -199,7 +199,7 @@ class VersionTelemetry:
     def loaded(self, provider: str, placement: dict, load_seconds: float, metadata: dict) -> None:
         """The version serves: where it runs, how long it took to load, the accuracy its export recorded."""
         self._provider, self._placement = provider, placement
-        self._online.set(math.nan)  # no labelled answer yet: 0 would read as 0% accurate
+        self._online.set(self.window.accuracy)  # NaN before any labelled answer: 0 would read as 0% accurate
         set_placement(self.name, self.version, provider, placement)
         metrics.MODEL_LOAD.labels(self.name, self.version).set(load_seconds)
         if "test_accuracy" in metadata:

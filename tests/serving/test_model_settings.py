@@ -112,6 +112,17 @@ def test_the_server_serves_and_reports_the_folders_settings(repository_with_conf
         assert server.stop() == 0, server.log()
 
 
+def _gauges(model: str, version: str = "1") -> tuple:
+    """The version's provider gauge and load time as this process exports them."""
+    from prometheus_client import REGISTRY
+
+    from serving.runtime import CPU
+
+    labels = {"model": model, "version": version}
+    provider = REGISTRY.get_sample_value("mnist_serving_execution_provider_info", {**labels, "provider": CPU})
+    return provider, REGISTRY.get_sample_value("mnist_serving_model_load_seconds", labels)
+
+
 def _explicit(repo) -> Settings:
     return Settings(
         model_repository=repo, verify_on_load=False, model_control_mode="explicit",
@@ -137,11 +148,13 @@ async def test_a_load_with_new_settings_reloads_the_loaded_version_and_one_witho
         third = repository.get("mnist")
         await control.load("mnist", LoadOptions())  # nothing changed: nothing reloaded
         fourth = repository.get("mnist")
+        gauges_after_reload = _gauges("mnist")
     finally:
         for mv in repository.versions():
             await mv.unload()
         control.close()
     assert [mv.settings.max_batch_size for mv in (first, second, third)] == [8, 16, 8]
+    assert gauges_after_reload == (1.0, third.load_seconds)  # the replaced loads did not take the series along
     assert first is not second and second is not third and fourth is third
     assert first.batcher._closed and second.batcher._closed  # the replaced versions were drained and closed
 
@@ -163,9 +176,36 @@ async def test_a_reload_that_fails_keeps_the_loaded_version_with_its_settings(re
         for mv in repository.versions():
             await mv.unload()
         control.close()
-    assert (
-        after is before and after.settings.max_batch_size == 8 and repository.settings_for("mnist").max_batch_size == 8
-    )
+    assert after is before and after.settings.max_batch_size == 8
+    assert repository.settings_for("mnist").max_batch_size == 8
+
+
+async def test_a_rolled_back_reload_leaves_the_old_version_serving_with_its_series(repository_with_config):
+    """Versions 2 and 1 are loaded again with new settings; 2 loads, 1 fails: 2's new load goes again and the old
+    one serves on, its gauges set as before (the two loads of a version share their series)."""
+    from serving.errors import ModelLoadFailed
+    from serving.model_control import LoadOptions, ModelControl
+
+    model_dir = repository_with_config / "mnist"
+    shutil.copytree(model_dir / "1", model_dir / "2")
+    (model_dir / "config.pbtxt").write_text(PBTXT.replace("num_versions: 1", "num_versions: 2"))
+    repository = ModelRepository(_explicit(repository_with_config))
+    await repository.load_all()
+    control = ModelControl(repository, repository.settings)
+    old = dict(repository.models["mnist"])
+    (model_dir / "1" / "model.onnx").write_bytes(b"broken since it was loaded")
+    try:
+        config = '{"max_batch_size": 16, "version_policy": {"latest": {"num_versions": 2}}}'
+        with pytest.raises(ModelLoadFailed, match="version 1: cannot load.*still serving versions: 2, 1"):
+            await control.load("mnist", LoadOptions(config=config))
+        after = dict(repository.models["mnist"])
+        gauges = _gauges("mnist", "2")
+    finally:
+        for mv in repository.versions():
+            await mv.unload()
+        control.close()
+    assert after == old and after[2].settings.max_batch_size == 8
+    assert gauges == (1.0, old[2].load_seconds)
 
 
 async def test_poll_mode_reloads_a_version_when_its_config_file_changes(repository_with_config):
