@@ -14,7 +14,7 @@ from serving.config import Settings, parse_control_header
 from serving.errors import InvalidInput, ModelControlOff, ModelNotFound, PermissionDenied
 from serving.model_settings import apply, parse_json
 from serving.protos import grpc_service_pb2 as pb
-from serving.repository import ModelRepository
+from serving.repository import ModelRepository, is_version
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +61,7 @@ def write_files(name: str, files: Mapping[str, bytes]) -> tuple[Path, dict[int, 
     paths = {}
     for path, content in files.items():
         version, _, filename = path.partition("/")
-        if not (version.isascii() and version.isdigit()) or filename not in VERSION_FILES:
+        if not is_version(version) or filename not in VERSION_FILES:
             expected = f"{FILE_PREFIX}<version>/<{'|'.join(VERSION_FILES)}>"
             raise InvalidInput(f"file '{FILE_PREFIX}{path}': expected '{expected}'")
         paths[(int(version), filename)] = content

@@ -100,7 +100,7 @@ def _read_metadata(directory: Path) -> dict:
     return metadata
 
 
-def _is_version(name: str) -> bool:
+def is_version(name: str) -> bool:
     """A version is named by ASCII digits: isdigit() alone admits '²', which int() refuses."""
     return name.isascii() and name.isdigit()
 
@@ -119,11 +119,10 @@ def scan(root: Path, single_name: str = "") -> dict[str, dict[int, Path]]:
     found: dict[str, dict[int, Path]] = {}
     for model_dir in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
         try:
-            entries = list(model_dir.iterdir())
+            versions = versions_in(model_dir)
         except PermissionError:  # e.g. a volume root's lost+found: not a model
             log.warning("skipping unreadable directory %s", model_dir)
             continue
-        versions = {int(v.name): v for v in entries if _is_version(v.name) and (v / "model.onnx").is_file()}
         if versions:
             found[model_dir.name] = versions
     return found
@@ -131,7 +130,7 @@ def scan(root: Path, single_name: str = "") -> dict[str, dict[int, Path]]:
 
 def versions_in(model_dir: Path) -> dict[int, Path]:
     """One model's version folders: integer-named folders holding a model.onnx."""
-    return {int(v.name): v for v in model_dir.iterdir() if _is_version(v.name) and (v / "model.onnx").is_file()}
+    return {int(v.name): v for v in model_dir.iterdir() if is_version(v.name) and (v / "model.onnx").is_file()}
 
 
 def policy_candidates(versions: dict[int, Path], settings: Settings) -> tuple[list[int], int]:
@@ -177,7 +176,7 @@ class ModelRepository:
     def loaded(self, name: str, version: str) -> ModelVersion | None:
         """The loaded version `version` of `name`, or None (no error: for late feedback)."""
         versions = self.models.get(name, {})
-        return versions.get(int(version)) if _is_version(version) else None
+        return versions.get(int(version)) if is_version(version) else None
 
     def scorer(self, name: str, version: str):
         """The telemetry that scores late labels for a loaded version, or None (feedback for the unloaded)."""
@@ -198,7 +197,7 @@ class ModelRepository:
             raise ModelNotFound(f"unknown model '{name}' (models: {known})")
         if not version:
             return versions[max(versions)]
-        if not _is_version(version) or int(version) not in versions:
+        if not is_version(version) or int(version) not in versions:
             have = ", ".join(str(v) for v in sorted(versions))
             raise ModelNotFound(f"model '{name}' has no version '{version}' (versions: {have})")
         return versions[int(version)]
@@ -257,13 +256,16 @@ class ModelRepository:
 
     async def load(self, name: str, versions: dict[int, Path], settings: Settings | None = None) -> None:
         """Explicit load of one model from `versions` (its folders on disk, or files sent with the load), with
-        `settings` (None: the server's): new versions load and are verified as at start-up, then replace what
-        the version policy no longer wants (drained first). All or nothing: if a version fails, every version
-        loaded by this call is unloaded again, the model serves what it served before, and ModelLoadFailed."""
-        if not policy_candidates(versions, settings or self.settings)[0]:
+        `settings` (None: its folder's config file, else the flags): new versions load and are verified as at
+        start-up, then replace what the version policy no longer wants (drained first). All or nothing: if a
+        version fails, every version loaded by this call is unloaded again, the model serves what it served before,
+        and ModelLoadFailed."""
+        chosen = settings or self.folder_settings(name)
+        if not policy_candidates(versions, chosen)[0]:
             have = ", ".join(str(v) for v in sorted(versions)) or "none"
-            policy = (settings or self.settings).version_policy
-            raise ModelLoadFailed(f"model '{name}': no version to serve under policy {policy} (versions: {have})")
+            raise ModelLoadFailed(
+                f"model '{name}': no version to serve under policy {chosen.version_policy} (versions: {have})"
+            )
         self.loading.add(name)
         try:
             # An explicit load retries versions that failed before (the caller may have fixed them).
