@@ -24,11 +24,11 @@ PROBABILITIES = contract.OUTPUT_NAME
 PREDICTED_CLASS = "predicted_class"
 # The interface every version serves, as Triton's ModelConfig states it (batch dimension implicit).
 PLATFORM = "onnxruntime_onnx"
-MODEL_INPUTS = (mc.ModelInput(name=INPUT_NAME, data_type=mc.TYPE_FP32, dims=[IMAGE_PIXELS]),)
-MODEL_OUTPUTS = (
-    mc.ModelOutput(name=PROBABILITIES, data_type=mc.TYPE_FP32, dims=[NUM_CLASSES]),
-    mc.ModelOutput(name=PREDICTED_CLASS, data_type=mc.TYPE_INT64, dims=[1]),
-)
+# (name, datatype, dims without the batch dimension): ModelConfig and ModelMetadata both state these.
+_INPUTS = ((INPUT_NAME, "FP32", (IMAGE_PIXELS,)),)
+_OUTPUTS = ((PROBABILITIES, "FP32", (NUM_CLASSES,)), (PREDICTED_CLASS, "INT64", (1,)))
+MODEL_INPUTS = tuple(mc.ModelInput(name=n, data_type=mc.DataType.Value(f"TYPE_{t}"), dims=d) for n, t, d in _INPUTS)
+MODEL_OUTPUTS = tuple(mc.ModelOutput(name=n, data_type=mc.DataType.Value(f"TYPE_{t}"), dims=d) for n, t, d in _OUTPUTS)
 OUTPUT_NAMES = (PROBABILITIES, PREDICTED_CLASS)
 RECEIPT = "receipt"  # response parameter: the signed receipt that FeedbackService/SendFeedback takes
 ACCEPTED_SHAPES = f"[N,{IMAGE_PIXELS}] or [N,28,28]"
@@ -224,10 +224,9 @@ def decode_feedback_request(request: feedback_pb2.FeedbackRequest) -> DecodedFee
     return DecodedFeedback(request.receipt, indexes, labels, request.model_name, request.model_version)
 
 
-_INPUT_META = pb.ModelMetadataResponse.TensorMetadata(name=INPUT_NAME, datatype="FP32", shape=(-1, IMAGE_PIXELS))
-_OUTPUT_META = (
-    pb.ModelMetadataResponse.TensorMetadata(name=PROBABILITIES, datatype="FP32", shape=(-1, NUM_CLASSES)),
-    pb.ModelMetadataResponse.TensorMetadata(name=PREDICTED_CLASS, datatype="INT64", shape=(-1, 1)),
+_INPUT_META = tuple(pb.ModelMetadataResponse.TensorMetadata(name=n, datatype=t, shape=(-1, *d)) for n, t, d in _INPUTS)
+_OUTPUT_META = tuple(
+    pb.ModelMetadataResponse.TensorMetadata(name=n, datatype=t, shape=(-1, *d)) for n, t, d in _OUTPUTS
 )
 
 
@@ -237,7 +236,7 @@ def model_metadata(mv: ModelVersion, versions: list[int]) -> pb.ModelMetadataRes
         name=mv.name,
         versions=[str(v) for v in versions],
         platform=f"{PLATFORM}:{mv.provider}",
-        inputs=[_INPUT_META],
+        inputs=_INPUT_META,
         outputs=_OUTPUT_META,
     )
 
