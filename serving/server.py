@@ -24,7 +24,7 @@ from serving.protos import grpc_service_pb2 as pb
 from serving.protos.pool import POOL
 from serving.receipts import ReceiptKey
 from serving.repository import ModelRepository
-from serving.runtime import CUDA, check_device
+from serving.runtime import check_device
 from serving.servicer import FeedbackServicer, InferenceServicer, add_inference_service
 
 log = logging.getLogger(__name__)
@@ -136,15 +136,12 @@ class InferenceServer:
         return port
 
     async def _load(self) -> None:
-        """The start-up load; --require-gpu checked over every loaded version."""
+        """The start-up load (under --require-gpu every version checks its own placement: runtime.check_placement)."""
         await self.repository.load_all()
         # The models, modules and protobuf descriptors loaded by now live as long as the process: the garbage
         # collector stops scanning them on every collection the request path triggers.
         gc.freeze()
         telemetry.gpu_required(self.settings.require_gpu)
-        placed = {p for mv in self.repository.versions() for where in mv.model.placement.values() for p in where}
-        if self.settings.require_gpu and placed != {CUDA}:  # each version checked its own at load: the whole server
-            raise StartupError(f"--require-gpu: CUDA is not active (nodes run on: {', '.join(sorted(placed))})")
 
     async def _set_health(self, status) -> None:
         for name in ("", INFERENCE_SERVICE, FEEDBACK_SERVICE):
