@@ -94,6 +94,34 @@ class Outcome:
     correct: bool = False
 
 
+async def checked_stream(
+    stub,
+    reference,
+    seed: int,
+    step: int,
+    outcomes: list[Outcome],
+    stop: asyncio.Event,
+    version: str = "",
+    max_images: int = 32,
+) -> None:
+    """One client's load until `stop`: requests of 1..max_images test images one after another (this client's
+    share: seed, seed + step, ...), each answer checked against `reference` and kept as an Outcome."""
+    i = seed
+    while not stop.is_set():
+        n = 1 + i % max_images
+        lo = (i * 37) % (2048 - n)
+        i += step
+        sent = time.monotonic()
+        try:
+            reply = await stub.ModelInfer(infer_request(reference.images[lo : lo + n], "mnist", version), timeout=30)
+        except grpc.aio.AioRpcError as err:
+            outcomes.append(Outcome(sent, time.monotonic(), err.code().name))
+            await asyncio.sleep(0.01)
+            continue
+        ok = reference.check(lo, n, probabilities(reply))
+        outcomes.append(Outcome(sent, time.monotonic(), "OK", reply.model_version, ok))
+
+
 def metric_value(text: str, name: str, **labels: str) -> float:
     """The value of one sample in Prometheus text (0.0 when the series is absent)."""
     return Snapshot(text).first(name, **labels)

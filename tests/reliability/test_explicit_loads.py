@@ -12,12 +12,12 @@ import grpc
 import pytest
 import tritonclient.grpc as tc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from rel_harness import CLIENT_OPTIONS, Outcome, infer_ok, metric_value, report, shifted_model, until
+from rel_harness import CLIENT_OPTIONS, Outcome, checked_stream, infer_ok, metric_value, report, shifted_model, until
 from server_process import start_server
 from tritonclient.utils import InferenceServerException
 
 from bench.common import ChildServer, free_port, serving_cmd
-from serving.client import infer_request, main, probabilities
+from serving.client import main
 from serving.protos import grpc_service_pb2_grpc as pb_grpc
 
 pytestmark = pytest.mark.slow
@@ -30,24 +30,6 @@ EXPLICIT = (
 CONFIG = json.dumps({"name": "mnist", "version_policy": {"latest": {"num_versions": 1}}})
 STREAMS = 4
 PROVIDER_INFO = "mnist_serving_execution_provider_info"
-
-
-async def _stream(stub, reference, seed: int, outcomes: list[Outcome], stop: asyncio.Event) -> None:
-    i = seed
-    while not stop.is_set():
-        n = 1 + i % 16
-        lo = (i * 37) % (2048 - n)
-        i += STREAMS
-        sent = time.monotonic()
-        try:
-            reply = await stub.ModelInfer(infer_request(reference.images[lo : lo + n], "mnist"), timeout=30)
-        except grpc.aio.AioRpcError as err:
-            outcomes.append(Outcome(sent, time.monotonic(), err.code().name))
-            await asyncio.sleep(0.01)
-            continue
-        outcomes.append(
-            Outcome(sent, time.monotonic(), "OK", reply.model_version, reference.check(lo, n, probabilities(reply)))
-        )
 
 
 def _refused(call) -> InferenceServerException:
@@ -82,7 +64,10 @@ async def test_load_refuse_unload_and_reload_under_load(repository, tmp_path, re
     try:
         async with grpc.aio.insecure_channel(server.url, options=CLIENT_OPTIONS) as ch:
             stub = pb_grpc.GRPCInferenceServiceStub(ch)
-            tasks = [asyncio.create_task(_stream(stub, reference, i, outcomes, stop)) for i in range(STREAMS)]
+            tasks = [
+                asyncio.create_task(checked_stream(stub, reference, i, STREAMS, outcomes, stop, max_images=16))
+                for i in range(STREAMS)
+            ]
             await until(lambda: sum(o.version == "1" for o in outcomes) >= 20, "version 1 under load", server)
 
             # Refused before anything is read: no header, a wrong value, files without config.

@@ -15,6 +15,7 @@ from rel_harness import (
     Outcome,
     add_version,
     channel,
+    checked_stream,
     infer_ok,
     metric_value,
     report,
@@ -35,23 +36,6 @@ PINNED = 2  # streams asking for version 2 explicitly while it is removed
 GUARD_S = 60  # hang guard for each wait; the poller reacts within a fraction of a second
 
 
-async def _stream(stub, reference, seed: int, version: str, outcomes: list[Outcome], stop: asyncio.Event) -> None:
-    i = seed
-    while not stop.is_set():
-        n = 1 + i % 32
-        lo = (i * 37) % (2048 - n)
-        i += STREAMS
-        sent = time.monotonic()
-        try:
-            reply = await stub.ModelInfer(infer_request(reference.images[lo : lo + n], "mnist", version), timeout=30)
-        except grpc.aio.AioRpcError as err:
-            outcomes.append(Outcome(sent, time.monotonic(), err.code().name))
-            await asyncio.sleep(0.01)
-            continue
-        ok = reference.check(lo, n, probabilities(reply))
-        outcomes.append(Outcome(sent, time.monotonic(), "OK", reply.model_version, ok))
-
-
 def _after(outcomes: list[Outcome], moment: float) -> list[Outcome]:
     return [o for o in outcomes if o.sent > moment]
 
@@ -66,7 +50,9 @@ async def test_versions_come_and_go_under_load(repository, tmp_path, reference):
     try:
         async with grpc.aio.insecure_channel(server.url, options=CLIENT_OPTIONS) as ch:
             stub = pb_grpc.GRPCInferenceServiceStub(ch)
-            tasks = [asyncio.create_task(_stream(stub, reference, i, "", plain, stop)) for i in range(STREAMS)]
+            tasks = [
+                asyncio.create_task(checked_stream(stub, reference, i, STREAMS, plain, stop)) for i in range(STREAMS)
+            ]
 
             async def served(version: str, since: float, count: int = 20):
                 return sum(o.version == version for o in _after(plain, since)) >= count
@@ -79,7 +65,10 @@ async def test_versions_come_and_go_under_load(repository, tmp_path, reference):
             await until(lambda: served("2", 0, 1), "version 2 to serve", server)
             v2_seen = max(o.done for o in plain if o.version == "2")
             await until(lambda: served("2", v2_seen), "more of version 2", server)
-            tasks += [asyncio.create_task(_stream(stub, reference, i, "2", pinned, stop)) for i in range(PINNED)]
+            tasks += [
+                asyncio.create_task(checked_stream(stub, reference, i, STREAMS, pinned, stop, "2"))
+                for i in range(PINNED)
+            ]
 
             # 2. A corrupt version and 3. one that fails the accuracy check are refused; 2 keeps serving.
             add_version(model_dir, 3, model_dir / "1", onnx=b"this is not an onnx model")
