@@ -24,6 +24,7 @@ class ServerState:
     """What the request path needs to know about the process: readiness and drain."""
 
     def __init__(self) -> None:
+        self.started = False  # loaded, and with --workers every worker too: ready unless draining
         self.draining = False  # SIGTERM received: not ready (health NOT_SERVING), still answering
         # The drain's last moments: new calls get UNAVAILABLE with a retry pushback, streams stop reading.
         self.refusing_started = asyncio.Event()
@@ -53,14 +54,14 @@ class DataPlane:
     # ---------------------------------------------------------------- health and lookups
 
     def ready(self) -> bool:
-        return self.repository.ready and not self.state.draining
+        return self.state.started and self.repository.ready and not self.state.draining
 
     def model_ready(self, name: str, version: str) -> bool:
         try:
             self.repository.get(name, version)
         except Exception:
             return False
-        return not self.state.draining
+        return self.state.started and not self.state.draining
 
     def version(self, name: str, version: str = "") -> ModelVersion:
         """The loaded version (the newest when `version` is empty); ModelNotFound / ModelNotReady otherwise."""

@@ -42,10 +42,10 @@ def run(settings: Settings) -> int:
     return serve_here(settings)
 
 
-def worker_main(settings: Settings) -> None:
-    """Entry point of a spawned worker process."""
+def worker_main(settings: Settings, readiness: workers.Readiness) -> None:
+    """Entry point of a spawned worker process: ready only when every worker is (`readiness`)."""
     configure_process(settings)
-    raise SystemExit(serve_here(settings))
+    raise SystemExit(serve_here(settings, readiness))
 
 
 def configure_process(settings: Settings) -> None:
@@ -68,14 +68,15 @@ def start_metrics(settings: Settings) -> bool:
     return True
 
 
-def serve_here(settings: Settings) -> int:
-    """Run the server in this process until it has drained: 0, or 1 after a start-up fault."""
+def serve_here(settings: Settings, readiness: workers.Readiness | None = None) -> int:
+    """Run the server in this process until it has drained: 0, or 1 after a start-up fault. A worker waits for
+    every worker's load (`readiness`) before it says SERVING."""
     # Imported here, not at the top: the server imports prometheus_client, which must see a worker's
     # PROMETHEUS_MULTIPROC_DIR (set by workers.prepare) when it is first imported.
     from serving.server import serve
 
     try:
-        asyncio.run(serve(settings))
+        asyncio.run(serve(settings, readiness))
     except StartupError as exc:
         log.error("start-up failed: %s", exc)
         return 1

@@ -26,6 +26,7 @@ from serving.receipts import ReceiptKey
 from serving.repository import ModelRepository
 from serving.runtime import check_device
 from serving.servicer import FeedbackServicer, InferenceServicer, add_inference_service
+from serving.workers import Readiness
 
 log = logging.getLogger(__name__)
 
@@ -45,8 +46,9 @@ REFUSE_MAX_S = 2.0
 class InferenceServer:
     """One server process: gRPC services, health, the model repository and their lifecycle."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, readiness: Readiness | None = None) -> None:
         self.settings = settings
+        self.readiness = readiness  # with --workers: the other workers' loads, which readiness waits for
         self.state = ServerState()
         self.repository = ModelRepository(settings)
         self.control = ModelControl(self.repository, settings, self._model_changed)
@@ -56,6 +58,7 @@ class InferenceServer:
         self._poller: asyncio.Task | None = None
         self._canary: asyncio.Task | None = None
         self.hurry = asyncio.Event()  # set by a second signal: skip what is left of the drain delay
+        self.stopping = asyncio.Event()  # set by the first signal: a start still waiting for other workers gives up
 
     async def start(self) -> int:
         """Bind and start answering (health NOT_SERVING), then load and warm up models, then SERVING."""
@@ -73,6 +76,9 @@ class InferenceServer:
             "TLS" if self.settings.tls_cert else "plaintext",
         )
         await self._load()
+        if not await self._workers_loaded():
+            return self.port
+        self.state.started = True
         for mv in self.repository.versions():
             await self.health.set(mv.name, SERVING)
         await self._set_health(SERVING)
@@ -143,6 +149,20 @@ class InferenceServer:
         gc.freeze()
         telemetry.gpu_required(self.settings.require_gpu)
 
+    async def _workers_loaded(self) -> bool:
+        """With --workers, count this one in and wait until every worker has loaded (a probe's new connection may
+        land on any of them); False when a signal came first (a worker failed, or the server is being stopped)."""
+        if self.readiness is None:
+            return True
+        self.readiness.loaded()
+        if not self.readiness.all_loaded():
+            log.info("loaded; waiting for the other workers before saying SERVING")
+        while not self.readiness.all_loaded():
+            if self.stopping.is_set():
+                return False
+            await asyncio.sleep(0.02)
+        return True
+
     async def _set_health(self, status) -> None:
         for name in ("", INFERENCE_SERVICE, FEEDBACK_SERVICE):
             await self.health.set(name, status)
@@ -160,7 +180,7 @@ class InferenceServer:
 
     async def _model_changed(self, name: str) -> None:
         """A model was loaded, unloaded or refused: its health follows (its metrics follow its versions)."""
-        serving = name in self.repository.models and not self.state.draining
+        serving = name in self.repository.models and self.state.started and not self.state.draining
         await self.health.set(name, SERVING if serving else NOT_SERVING)
 
     async def stop(self, grace: float | None = None, delay: float | None = None) -> None:
@@ -210,16 +230,18 @@ class InferenceServer:
             await self._server.wait_for_termination()
 
 
-async def serve(settings: Settings) -> None:
+async def serve(settings: Settings, readiness: Readiness | None = None) -> None:
     """Run one server process until SIGTERM/SIGINT, then drain and return. SIGTERM (an orchestrator) drains
-    with the drain delay; SIGINT (Ctrl-C) without it; a second signal cuts the delay short."""
-    server = InferenceServer(settings)
+    with the drain delay; SIGINT (Ctrl-C) without it; a second signal cuts the delay short. A worker says SERVING
+    only once every worker has loaded (`readiness`)."""
+    server = InferenceServer(settings, readiness)
     received: list[signal.Signals] = []
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
 
     def on_signal(sig: signal.Signals) -> None:
         received.append(sig)
+        server.stopping.set()
         if stop.is_set():
             server.hurry.set()
         stop.set()

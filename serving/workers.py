@@ -11,6 +11,7 @@ import socket
 import tempfile
 import time
 from collections.abc import Callable
+from multiprocessing.context import SpawnContext
 from pathlib import Path
 
 from serving.config import Settings
@@ -48,11 +49,35 @@ def prepare(settings: Settings) -> Settings:
     return shared
 
 
-def supervise(settings: Settings, shared: Settings, target: Callable[[Settings], None]) -> int:
-    """Start `settings.workers` processes running target(shared), forward SIGTERM/SIGINT, reap; the exit code
-    (1 when a worker failed, and then the others are stopped)."""
+class Readiness:
+    """The server's readiness across its workers: each worker counts itself in once it has loaded what it serves,
+    and none says SERVING (health, ServerReady, ModelReady) before all have. A probe opens a new connection, which
+    the kernel hands to any worker (SO_REUSEPORT): one worker's readiness is not the server's.
+
+    Workers are not restarted (a worker that exits takes the server down, see `supervise`), so the count only grows.
+    """
+
+    def __init__(self, ctx: SpawnContext, workers: int) -> None:
+        self.workers = workers
+        self._loaded = ctx.Value("i", 0)  # shared memory, inherited by the spawned workers
+
+    def loaded(self) -> None:
+        """This worker has loaded its models."""
+        with self._loaded.get_lock():
+            self._loaded.value += 1
+
+    def all_loaded(self) -> bool:
+        return self._loaded.value >= self.workers
+
+
+def supervise(settings: Settings, shared: Settings, target: Callable[[Settings, Readiness], None]) -> int:
+    """Start `settings.workers` processes running target(shared, readiness), forward SIGTERM/SIGINT, reap; the exit
+    code (1 when a worker failed, and then the others are stopped)."""
     ctx = multiprocessing.get_context("spawn")
-    children = [ctx.Process(target=target, args=(shared,), name=f"worker-{i}") for i in range(settings.workers)]
+    readiness = Readiness(ctx, settings.workers)
+    children = [
+        ctx.Process(target=target, args=(shared, readiness), name=f"worker-{i}") for i in range(settings.workers)
+    ]
     stopping = False
 
     def forward(signum, _frame):

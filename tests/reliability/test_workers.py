@@ -158,3 +158,70 @@ async def test_sigterm_with_workers_under_load_drains_every_worker(trained_repos
         int(line.split("answered_during_drain=")[1].split()[0]) for line in log.splitlines() if "drained:" in line
     ]
     assert len(drained) == 2 and all(n > 0 for n in drained), log[-3000:]  # both workers answered through the delay
+
+
+def _readiness_script():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("workers_readiness", ROOT / "scripts" / "workers_readiness.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_no_worker_says_serving_while_another_is_still_loading(trained_repository, tmp_path, reference):
+    """One worker held (SIGSTOP) before it loads: the other loads but says NOT_SERVING on every new connection
+    (health, ServerReady, ModelReady); once the held one loads, every fresh connection is answered."""
+    from grpc_health.v1 import health_pb2
+
+    from serving.protos import grpc_service_pb2 as pb
+    from serving.protos import grpc_service_pb2_grpc as pb_grpc
+
+    script = _readiness_script()
+    server = start_server(trained_repository, tmp_path, "--workers", "2", wait=False)
+    held: psutil.Process | None = None
+    try:
+        deadline = time.monotonic() + GUARD_S
+        while len(workers := _workers(server)) < 2:
+            assert time.monotonic() < deadline and server.proc.poll() is None, server.log()
+            time.sleep(0.005)
+        held = workers[1]
+        held.suspend()
+        while "waiting for the other workers" not in server.log():
+            assert time.monotonic() < deadline and server.proc.poll() is None, server.log()
+            time.sleep(0.05)
+        # New connections land on either worker: the held one does not answer, the loaded one must not say ready.
+        statuses = {script.probe(server.url, timeout=0.5) for _ in range(12)}
+        assert health_pb2.HealthCheckResponse.SERVING not in statuses, statuses
+        assert health_pb2.HealthCheckResponse.NOT_SERVING in statuses, statuses
+        import grpc
+
+        ready_answers = set()
+        for _ in range(8):
+            with grpc.insecure_channel(server.url, options=script.FRESH) as ch:
+                stub = pb_grpc.GRPCInferenceServiceStub(ch)
+                try:
+                    ready_answers.add(stub.ServerReady(pb.ServerReadyRequest(), timeout=0.5).ready)
+                    ready_answers.add(stub.ModelReady(pb.ModelReadyRequest(name="mnist"), timeout=0.5).ready)
+                except grpc.RpcError as err:
+                    assert err.code() == grpc.StatusCode.DEADLINE_EXCEEDED, err  # landed on the held worker
+        assert ready_answers == {False}, ready_answers
+        held.resume()
+        held = None
+        script.wait_first_serving(server.url, server.child.alive)
+        codes = script.call_fresh(server.url, reference.images[:1], 16)
+    finally:
+        if held is not None:
+            held.resume()
+        code = server.stop(signal.SIGINT)
+    assert codes == {"OK": 16}, codes
+    assert code == 0, server.log()
+
+
+@pytest.mark.parametrize("workers", [2, 4])
+def test_the_first_probe_that_says_serving_means_every_worker_answers(trained_repository, tmp_path, reference, workers):
+    """As a probe and a fresh client see it: 3 starts, 16 new connections the moment one probe says SERVING."""
+    script = _readiness_script()
+    for start in range(3):
+        result = script.trial(trained_repository, tmp_path / str(start), workers, reference.images[:1], 16)
+        assert result["codes"] == {"OK": 16} and result["exit_code"] == 0, result
