@@ -130,6 +130,7 @@ class ChildServer:
     pids: list[int] = field(default_factory=list)
     env: dict[str, str] | None = None  # added to child_env()
     metrics_port: int = 0
+    cwd: Path = REPO_ROOT  # another checkout's root runs that checkout's code (bench.ab's A/B of two commits)
     _stopped: bool = False
 
     @property
@@ -145,7 +146,7 @@ class ChildServer:
                 stdout=logf,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,  # own process group: stop() also reaches worker processes
-                cwd=REPO_ROOT,
+                cwd=self.cwd,
                 env=child_env(self.env),
             )
         _LIVE.add(self)

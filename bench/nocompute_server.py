@@ -97,8 +97,10 @@ class NoComputeServicer(pb_grpc.GRPCInferenceServiceServicer):
         )
 
 
-async def serve(servicer: pb_grpc.GRPCInferenceServiceServicer, host: str, port: int, reuseport: bool) -> None:
-    """Serve until SIGTERM/SIGINT."""
+async def serve(
+    servicer: pb_grpc.GRPCInferenceServiceServicer, host: str, port: int, reuseport: bool, tuned: bool = False
+) -> None:
+    """Serve until SIGTERM/SIGINT; `tuned`: registered as the real server registers its services."""
     server = grpc.aio.server(
         options=[
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
@@ -106,7 +108,12 @@ async def serve(servicer: pb_grpc.GRPCInferenceServiceServicer, host: str, port:
             ("grpc.so_reuseport", 1 if reuseport else 0),
         ]
     )
-    pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, server)
+    if tuned:
+        from serving.servicer import add_generic
+
+        add_generic(pb_grpc.add_GRPCInferenceServiceServicer_to_server, servicer, server)
+    else:
+        pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, server)
     bound = server.add_insecure_port(f"{host}:{port}")
     if not bound:
         raise SystemExit(f"cannot listen on {host}:{port}")
@@ -126,22 +133,28 @@ def parser(description: str) -> argparse.ArgumentParser:
     p.add_argument("--port", "--grpc-port", type=int, required=True)
     p.add_argument("--workers", type=int, default=1, help="processes sharing the port (SO_REUSEPORT)")
     p.add_argument("--log-level", default="WARNING")
+    p.add_argument(
+        "--tuned", action="store_true", help="the real server's transport choices: uvloop, generic handlers only"
+    )
     return p
 
 
-def _worker(make_servicer, host: str, port: int, reuseport: bool, level: str) -> None:
+def _worker(make_servicer, host: str, port: int, reuseport: bool, level: str, tuned: bool = False) -> None:
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(process)d %(name)s: %(message)s")
-    asyncio.run(serve(make_servicer(), host, port, reuseport))
+    from serving.lifecycle import loop_factory
+
+    with asyncio.Runner(loop_factory=loop_factory("uvloop" if tuned else "asyncio")) as runner:
+        runner.run(serve(make_servicer(), host, port, reuseport, tuned))
 
 
 def run(make_servicer, args: argparse.Namespace) -> int:
     """One process, or `--workers` spawned processes on one port; SIGTERM stops them all."""
     if args.workers <= 1:
-        _worker(make_servicer, args.host, args.port, False, args.log_level)
+        _worker(make_servicer, args.host, args.port, False, args.log_level, args.tuned)
         return 0
     ctx = multiprocessing.get_context("spawn")
     procs = [
-        ctx.Process(target=_worker, args=(make_servicer, args.host, args.port, True, args.log_level))
+        ctx.Process(target=_worker, args=(make_servicer, args.host, args.port, True, args.log_level, args.tuned))
         for _ in range(args.workers)
     ]
     signal.signal(signal.SIGTERM, lambda *_: [os.kill(p.pid, signal.SIGTERM) for p in procs if p.is_alive()])
