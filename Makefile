@@ -41,7 +41,7 @@ $(STAMP): pyproject.toml $(REQS) $(DEVICE_FILE)
 	$(PY) -m pip install --quiet --no-deps -e .
 	$(PY) -m pip check
 	@# A tiny session created and run on the chosen device (a CUDA build lists CUDA even without a usable driver).
-	$(PY) -m serving.runtime --device-check $$(cat $(DEVICE_FILE))
+	$(PY) -m serving.runtime --device-check $$(cat $(DEVICE_FILE)) --asked $(DEVICE)
 	touch $@
 
 venv: $(STAMP) ## create the virtual environment with every extra (pinned in pyproject.toml; DEVICE=auto|cpu|cuda)

@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from bench.common import REPO_ROOT, child_env, find_model, free_port, install_sigterm_exit, serving_cmd, start_serving
+from serving.cuda_host import driver_problem, explain
 from serving.runtime import FP32_TOLERANCE, TF32_TOLERANCE, describe_placement
 from training.data import to_model_input
 
@@ -477,9 +478,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.rehearse_on_cpu:
         args.device, args.expect, args.cuda_graphs = "cpu", CPU, False
         print("rehearsal on CPU: every step runs on CPUExecutionProvider; CUDA is not checked")
-    elif CUDA not in providers or not devices:
+    elif CUDA not in providers or not devices or driver_problem():
         why = "" if CUDA not in providers else f" (the build has {CUDA} but there is no /dev/nvidia* device)"
-        print(f"no CUDA here: onnxruntime providers = {providers}{why}; nothing to check")
+        if problem := driver_problem():
+            why = f"; {explain(problem)}"
+        print(f"no CUDA here: onnxruntime providers = {providers}{why}; nothing measured, nothing to check")
         if args.require:
             print("--require: failing because CUDA is not available", file=sys.stderr)
             return 1

@@ -14,6 +14,7 @@ import onnxruntime as ort
 
 from serving.config import Settings
 from serving.contract import IMAGE_PIXELS, NUM_CLASSES, PIXEL_SCALE
+from serving.cuda_host import driver_problem, explain
 from serving.errors import StartupError
 from serving.iobinding import BoundSession
 
@@ -61,10 +62,11 @@ def check_device(settings: Settings) -> None:
         raise StartupError("--require-gpu: CUDA is not active: --device cpu chooses the CPU provider")
     _preload_cuda_libraries()
     if CUDA not in ort.get_available_providers():
+        problem = driver_problem()
         raise StartupError(
             f"{_asked(settings)}: CUDA is not active: onnxruntime {ort.__version__} has no {CUDA} "
-            f"(providers: {', '.join(ort.get_available_providers())}); install onnxruntime-gpu "
-            "(make venv DEVICE=cuda) or use --device auto|cpu"
+            f"(providers: {', '.join(ort.get_available_providers())}); "
+            + (explain(problem) if problem else "install onnxruntime-gpu (make venv DEVICE=cuda) or use --device cpu")
         )
 
 
@@ -188,10 +190,17 @@ def create_sessions(graphs: dict[str, bytes], settings: Settings, path: Path) ->
                 for name, graph in graphs.items()
             }
         except Exception as exc:
+            problem = "" if providers == [CPU] else _cuda_cause()
             if providers == [CPU] or wants_cuda(settings):
-                raise StartupError(f"cannot load {path} on {_names(providers)}: {exc}") from exc
-            log.warning("%s: CUDA failed, serving on CPU (--device auto): %s", path, exc)
+                raise StartupError(f"cannot load {path} on {_names(providers)}: {exc}{problem}") from exc
+            log.warning("%s: CUDA failed, serving on CPU (--device auto): %s%s", path, exc, problem)
             providers = [CPU]
+
+
+def _cuda_cause() -> str:
+    """'; CUDA cannot run here: <the driver's cause>. Remedies: ...' when the driver says why, else ''."""
+    problem = driver_problem()
+    return f"; {explain(problem)}" if problem else ""
 
 
 def _names(providers: list) -> str:
@@ -322,14 +331,20 @@ def device_check(device: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m serving.runtime --device-check cuda`: what the venv set-up runs to prove the provider works."""
+    """`python -m serving.runtime --device-check cuda`: what the venv set-up runs to prove the provider works.
+    With `--asked auto` (make's DEVICE=auto) a CUDA that fails is a warning: the server then runs on CPU."""
     parser = argparse.ArgumentParser(prog="python -m serving.runtime", description=main.__doc__)
     parser.add_argument("--device-check", choices=["cpu", "cuda"], required=True)
+    parser.add_argument("--asked", choices=["auto", "cpu", "cuda"], default=None, help="what DEVICE asked for")
     args = parser.parse_args(argv)
     try:
         sys.stdout.write(device_check(args.device_check) + "\n")
     except StartupError as exc:
-        sys.stderr.write(f"device check failed: {exc}\n")
+        cause = f"{exc}{_cuda_cause() if args.device_check == 'cuda' else ''}"
+        if args.asked == "auto" and args.device_check == "cuda":
+            sys.stderr.write(f"warning: DEVICE=auto: CUDA does not work here, the server will run on CPU: {cause}\n")
+            return 0
+        sys.stderr.write(f"device check failed: {cause}\n")
         return 1
     return 0
 

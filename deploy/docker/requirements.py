@@ -45,16 +45,31 @@ def gpu_listing() -> str:
     return done.stdout if done.returncode == 0 else ""
 
 
-def choose_device(device: str, listing: str | None = None) -> tuple[str, str]:
-    """(cpu|cuda, why) for DEVICE=auto|cpu|cuda; auto is cuda when the `nvidia-smi -L` listing names a GPU."""
+def driver_problem() -> str | None:
+    """Why this host's NVIDIA driver cannot run CUDA (serving/cuda_host.py, standard library only), or None."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root: `make` runs this file
+    from serving.cuda_host import driver_problem
+
+    return driver_problem()
+
+
+def choose_device(device: str, listing: str | None = None, problem=driver_problem) -> tuple[str, str]:
+    """(cpu|cuda, why) for DEVICE=auto|cpu|cuda; auto is cuda when the `nvidia-smi -L` listing names a GPU and
+    the driver can run CUDA (`problem()` is None), else cpu, saying why."""
     if device in DISTRIBUTIONS:
         return device, f"DEVICE={device}"
     if device != "auto":
         raise ValueError(f"DEVICE must be auto, cpu or cuda, got {device!r}")
     gpus = [line for line in (gpu_listing() if listing is None else listing).splitlines() if line.startswith("GPU ")]
-    if gpus:
-        return "cuda", f"DEVICE=auto: nvidia-smi lists {len(gpus)} GPU(s): {gpus[0].strip()}"
-    return "cpu", "DEVICE=auto: no NVIDIA GPU listed by nvidia-smi -L"
+    if not gpus:
+        return "cpu", "DEVICE=auto: no NVIDIA GPU listed by nvidia-smi -L"
+    listed = f"nvidia-smi lists {len(gpus)} GPU(s): {gpus[0].strip()}"
+    why_not = problem()
+    if why_not:
+        from serving.cuda_host import explain
+
+        return "cpu", f"DEVICE=auto: {listed}, but {explain(why_not)}. Installing the CPU build"
+    return "cuda", f"DEVICE=auto: {listed}"
 
 
 def _expand(project: dict, extras: list[str], seen: set[str]) -> list[str]:
@@ -118,6 +133,11 @@ def main(argv: list[str] | None = None) -> int:
     onnxruntime = args.onnxruntime or "onnxruntime"
     if args.device:
         device, why = choose_device(args.device)
+        if args.print_device and args.device == "cuda" and (why_not := driver_problem()):
+            from serving.cuda_host import explain
+
+            print(f"DEVICE=cuda: {explain(why_not)}", file=sys.stderr)
+            return 1
         onnxruntime = DEVICE_REQUIREMENT[device]
         args.extra += DEVICE_EXTRAS[device]
         print(f"onnxruntime distribution: {onnxruntime} ({why}; override with DEVICE=cpu|cuda)", file=sys.stderr)

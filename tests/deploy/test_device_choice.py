@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.metadata
 import importlib.util
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -36,8 +37,14 @@ H200 = "GPU 0: NVIDIA H200 (UUID: GPU-5e1f0c1a-0000-0000-0000-000000000000)\n"
     ],
 )
 def test_device_choice(device, listing, expected):
-    chosen, why = reqs.choose_device(device, listing)
+    chosen, why = reqs.choose_device(device, listing, problem=lambda: None)  # a driver that can run CUDA 13
     assert chosen == expected and why.startswith(f"DEVICE={device}")
+
+
+def test_auto_takes_the_cpu_build_when_the_listed_gpu_cannot_run_cuda():
+    chosen, why = reqs.choose_device("auto", H200, problem=lambda: "the NVIDIA driver supports CUDA 12.4")
+    assert chosen == "cpu" and "but CUDA cannot run here: the NVIDIA driver supports CUDA 12.4" in why
+    assert "DEVICE=cpu" in why
 
 
 def test_unknown_device_is_refused():
@@ -108,13 +115,15 @@ def test_cli_prints_the_choice_and_the_gpu_set():
 
 
 @pytest.mark.skipif(shutil.which("make") is None, reason="no make")
-def test_makefile_records_the_choice_and_reinstalls_only_when_it_changes(tmp_path):
+def test_makefile_records_the_choice_and_reinstalls_only_when_it_changes(tmp_path, fake_driver):
     venv = tmp_path / "venv"
     choice = venv / ".device"
+    # DEVICE=cuda checks the driver before anything is installed: a libcuda.so.1 that reports CUDA 13.0.
+    env = {**os.environ, "LD_LIBRARY_PATH": fake_driver(13000)}
 
     def make(*args: str) -> str:
         done = subprocess.run(
-            ["make", "--no-print-directory", f"VENV={venv}", *args], cwd=REPO, capture_output=True, text=True
+            ["make", "--no-print-directory", f"VENV={venv}", *args], cwd=REPO, capture_output=True, text=True, env=env
         )
         assert done.returncode == 0, done.stderr
         return done.stdout + done.stderr
