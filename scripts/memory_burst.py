@@ -1,6 +1,6 @@
 """Memory under a burst: many clients sending 1024-image FP32 requests to one server process it starts.
 
-    python scripts/memory_burst.py [--server-arg=--max-inflight-bytes=8388608]
+    python scripts/memory_burst.py [--clients 16,64,128,256 --channels 8,64] [--server-arg=--max-inflight-bytes=8388608]
 
 Reports the server's peak RSS (sampled every 20 ms), the status codes (only OK and RESOURCE_EXHAUSTED are
 allowed; every request sent must come back: one left unanswered counts under the code its call ended with), and
@@ -74,22 +74,10 @@ def phase(gen: LoadGenerator, server: ChildServer, clients: int, channels: int, 
     }
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model-repository", type=Path, default=ROOT / "build" / "model_repository")
-    parser.add_argument("--clients", type=int, default=64)
-    parser.add_argument("--channels", type=int, default=8, help="client connections (clients share them)")
-    parser.add_argument("--baseline-clients", type=int, default=2)
-    parser.add_argument("--seconds", type=float, default=10.0)
-    parser.add_argument("--stream", action="store_true", help="ModelStreamInfer instead of unary ModelInfer")
-    parser.add_argument("--server-arg", action="append", default=[], help="extra server flag (repeatable)")
-    parser.add_argument("--server-env", action="append", default=[], help="NAME=VALUE for the server")
-    parser.add_argument("--log", type=Path, default=ROOT / "build" / "memory_burst.log")
-    args = parser.parse_args(argv)
+def burst(args, clients: int, channels: int, images: np.ndarray, labels: np.ndarray) -> dict:
+    """One server start: the baseline phase, then `clients` callers over `channels` connections."""
     env = dict(kv.split("=", 1) for kv in args.server_env)
     extra = [a for arg in args.server_arg for a in arg.split("=", 1)]
-    images = np.random.default_rng(0).integers(0, 256, (BATCH, 784), dtype=np.uint8)
-    labels = np.zeros(BATCH, dtype=np.int64)  # random images: the answers' accuracy means nothing here
     # --metrics-port 0 (a later flag wins): no /metrics endpoint, the server as the documented figures measured it.
     flags = ["--metrics-port", "0", "--max-batch-size", str(BATCH), *extra]
     try:
@@ -100,13 +88,37 @@ def main(argv: list[str] | None = None) -> int:
         idle = round(psutil.Process(server.proc.pid).memory_info().rss / 2**20)
         with LoadGenerator(server.target, images, labels) as gen:
             base = phase(gen, server, args.baseline_clients, 1, args.seconds / 2, args.stream)
-            burst = phase(gen, server, args.clients, args.channels, args.seconds, args.stream)
+            peak = phase(gen, server, clients, channels, args.seconds, args.stream)
+            after = phase(gen, server, args.baseline_clients, 1, args.seconds / 2, args.stream)  # still answers
     finally:
         server.stop(grace=30)
-    result = {"server_args": extra, "server_env": env, "stream": args.stream, "rss_idle_mib": idle, "baseline": base,
-              "burst": burst}  # fmt: skip
-    sys.stdout.write(json.dumps(result, indent=1) + "\n")
-    return 1 if any(set(p["codes"]) - ALLOWED for p in (base, burst)) else 0
+    return {"server_args": extra, "server_env": env, "stream": args.stream, "channels": channels,
+            "rss_idle_mib": idle, "baseline": base, "burst": peak, "after": after}  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model-repository", type=Path, default=ROOT / "build" / "model_repository")
+    parser.add_argument("--clients", default="64", help="concurrent callers, comma-separated: a server start each")
+    parser.add_argument("--channels", default="8", help="client connections (callers share them), comma-separated")
+    parser.add_argument("--baseline-clients", type=int, default=2)
+    parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--stream", action="store_true", help="ModelStreamInfer instead of unary ModelInfer")
+    parser.add_argument("--server-arg", action="append", default=[], help="extra server flag (repeatable)")
+    parser.add_argument("--server-env", action="append", default=[], help="NAME=VALUE for the server")
+    parser.add_argument("--log", type=Path, default=ROOT / "build" / "memory_burst.log")
+    args = parser.parse_args(argv)
+    images = np.random.default_rng(0).integers(0, 256, (BATCH, 784), dtype=np.uint8)
+    labels = np.zeros(BATCH, dtype=np.int64)  # random images: the answers' accuracy means nothing here
+    failed = False
+    for channels in (int(c) for c in args.channels.split(",")):
+        for clients in (int(c) for c in args.clients.split(",")):
+            result = burst(args, clients, channels, images, labels)
+            sys.stdout.write(json.dumps(result) + "\n")
+            sys.stdout.flush()
+            phases = (result["baseline"], result["burst"], result["after"])
+            failed |= any(set(p["codes"]) - ALLOWED for p in phases) or not result["after"]["codes"].get("OK")
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

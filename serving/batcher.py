@@ -1,4 +1,4 @@
-"""Dynamic batching: concurrent requests for one model version go into one onnxruntime run, off the event loop.
+"""Dynamic batching: concurrent requests for one model version go into one onnxruntime run.
 
 Triton's dynamic batcher, for one model version: the event loop only queues requests and hands back results;
 each execution thread (`instances` of them, Triton's instance count) waits for the queue, takes everything
@@ -7,15 +7,19 @@ keeps reading requests meanwhile) and hands the results back in one event-loop c
 a request at once (no added delay at light load); while a run is in progress, new requests queue up and go
 together in the next one. `max_queue_delay_us` optionally holds a batch back to let more requests join.
 
-NOTE: small runs used to execute on the event loop (a batch-1 run of this MLP takes ~30 us in a quiet loop,
-less than a thread hand-off). Under load that starved the loop: nothing could queue behind a run, every
-request ran alone (1.0 image per run at 32 concurrent calls) and the server used ~1.5x the CPU per request
-it uses now; see bench/README.md.
+On CPU, small requests (`inline_images`, --inline-max-images) run on the event loop instead: every such request
+queued during one loop iteration goes into one run at the start of the next (`_flush`), which costs less than a
+thread hand-off (bench/README.md, "Request path"). Larger requests, and every run on CUDA, use the threads.
+
+NOTE: small runs used to execute on the event loop one request at a time, inside the handler. Under load that
+starved the loop: nothing could queue behind a run, every request ran alone (1.0 image per run at 32 concurrent
+calls) and the server used ~1.5x the CPU per request; the deferred run of a whole iteration's requests does not.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import queue
 import threading
@@ -91,8 +95,13 @@ class Batcher:
         max_queue_images: int = 8192,
         instances: int = 1,
         name: str = "model",
+        inline_images: int = 0,
     ) -> None:
         self._run = run
+        # Requests of at most this many images run on the event loop, all that queued during one loop iteration
+        # together (0: every run on an execution thread).
+        self._inline_images = inline_images
+        self._inline: list[_Pending] = []
         self._observer = observer
         self._max_batch = max_batch_size
         self._max_delay = max_queue_delay_us / 1e6
@@ -149,9 +158,16 @@ class Batcher:
                 raise Overloaded(f"queue full ({queued} images waiting, limit {self._max_queued}); retry later")
             self._room.clear()
             await self._room.wait()  # set after each run
-        future = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
         self._submitted += n
-        self._queue.put(_Pending(images, future, deadline, client))
+        pending = _Pending(images, future, deadline, client)
+        if n <= self._inline_images and self._max_delay == 0:
+            if not self._inline:
+                loop.call_soon(self._flush)
+            self._inline.append(pending)
+        else:
+            self._queue.put(pending)
         return await future
 
     async def drain(self) -> None:
@@ -165,6 +181,22 @@ class Batcher:
             self._closed = True
             self._queue.put(_STOP)
             self._room.set()  # waiting requests are refused now
+
+    # ------------------------------------------------------------------ runs on the event loop
+
+    def _flush(self) -> None:
+        """Run the small requests queued since the last loop iteration, as few runs as max_batch_size and the
+        dtypes allow, on the event loop itself.
+
+        NOTE: a small run on the loop costs less than handing it to a thread: waking the thread and taking the GIL
+        back from the busy loop costs several times the ~35 us of onnxruntime's work (bench/README.md, "Request
+        path"). Deferred to the next iteration, a run takes every request whose handler ran in this one; a
+        request per run, as before the execution threads, starved the loop."""
+        pending, self._inline = self._inline, []
+        for batch in _runs(pending, self._max_batch):
+            with self._taken_lock:
+                self._taken += sum(p.images.shape[0] for p in batch)
+            self._execute(batch, self._finish)
 
     # ------------------------------------------------------------------ execution threads
 
@@ -183,7 +215,7 @@ class Batcher:
             with self._taken_lock:  # one writer at a time: `instances` threads take
                 self._taken += sum(p.images.shape[0] for p in batch)
             try:
-                self._execute(batch)
+                self._execute(batch, functools.partial(batch[0].future.get_loop().call_soon_threadsafe, self._finish))
             except Exception:  # never lose the thread: the next requests would wait forever
                 log.exception("execution thread: a run could not be handed back")
 
@@ -213,14 +245,14 @@ class Batcher:
             images += n
         return batch, None
 
-    def _execute(self, batch: list[_Pending]) -> None:
-        """Run the live requests of `batch` (expired and cancelled ones are dropped) and hand the results back."""
+    def _execute(self, batch: list[_Pending], finish: Callable) -> None:
+        """Run the live requests of `batch` (expired and cancelled ones are dropped) and hand the results to
+        `finish` (on the event loop)."""
         start = time.perf_counter()
         now = time.monotonic()
         live = [p for p in batch if not p.future.done() and (p.deadline is None or now <= p.deadline)]
-        loop = batch[0].future.get_loop()
         if not live:
-            loop.call_soon_threadsafe(self._finish, batch, live, None, start, start, start)
+            finish(batch, live, None, start, start, start)
             return
         images = live[0].images if len(live) == 1 else np.concatenate([p.images for p in live])
         joined = time.perf_counter()
@@ -228,7 +260,7 @@ class Batcher:
             result = self._run(images)
         except Exception as exc:
             result = self._isolate(live, exc)
-        loop.call_soon_threadsafe(self._finish, batch, live, result, start, joined, time.perf_counter())
+        finish(batch, live, result, start, joined, time.perf_counter())
 
     def _isolate(self, live: list[_Pending], exc: Exception) -> list:
         """A failed run of several requests is rerun one by one so that only the culprit fails."""
@@ -307,6 +339,23 @@ class Batcher:
             method(*args)
         except Exception:
             log.exception("recording a run's statistics failed; its answers were sent")
+
+
+def _runs(pending: list[_Pending], max_images: int) -> list[list[_Pending]]:
+    """`pending` in runs of one dtype and at most `max_images` images each, in arrival order within a dtype."""
+    runs: list[list[_Pending]] = []
+    sizes: list[int] = []
+    filling: dict[np.dtype, int] = {}  # dtype -> the run its requests go to
+    for p in pending:
+        n = p.images.shape[0]
+        i = filling.get(p.images.dtype)
+        if i is None or sizes[i] + n > max_images:
+            i = filling[p.images.dtype] = len(runs)
+            runs.append([])
+            sizes.append(0)
+        runs[i].append(p)
+        sizes[i] += n
+    return runs
 
 
 def _call(item: _Call) -> None:

@@ -41,8 +41,22 @@ class Settings(BaseSettings):
         description="Request bytes read and handled at once per process; beyond it RESOURCE_EXHAUSTED, mostly "
         "before the request is read (bounds memory; serving.admission).",
     )
+    stream_window_bytes: int = Field(
+        128 << 10,
+        ge=0,
+        description="HTTP/2 flow-control window per call: what gRPC may buffer of a request the server has not "
+        "read (one refused unread included), fixed, with gRPC's BDP probing off; a request being read gets its "
+        "whole size. 0: gRPC's default (BDP-tuned, several MiB per call: memory then grows with callers).",
+    )
     malloc_arena_max: int = Field(
         1, ge=0, description="glibc malloc arenas per process (0: glibc's default of 8 per core); fewer hold less."
+    )
+    inline_max_images: int = Field(
+        16,
+        ge=0,
+        description="On CPU, requests of at most this many images run on the event loop, all those that arrived "
+        "in one loop iteration in one run; larger ones, and every run on CUDA, go to the execution threads "
+        "(0: always the threads).",
     )
     stream_max_in_flight: int = Field(
         64, ge=1, description="Unanswered requests per ModelStreamInfer stream; beyond it the server stops reading."
@@ -159,6 +173,9 @@ class Settings(BaseSettings):
     tls_cert: Path | None = Field(None, description="PEM certificate chain; with tls_key enables TLS.")
     tls_key: Path | None = Field(None, description="PEM private key for tls_cert.")
     log_level: str = Field("INFO", description="Python logging level.")
+    event_loop: Literal["uvloop", "asyncio"] = Field(
+        "uvloop", description="The event loop gRPC runs on: uvloop (less CPU per request) or asyncio's own."
+    )
 
     @field_validator("version_policy")
     @classmethod
@@ -243,9 +260,12 @@ def parse_version_policy(text: str) -> tuple[str, tuple[int, ...]]:
 GROUPS: dict[str, tuple[str, ...]] = {
     "server": (
         "model_repository", "host", "grpc_port", "workers", "max_message_bytes", "max_inflight_bytes",
-        "malloc_arena_max", "tls_cert", "tls_key", "log_level",
+        "stream_window_bytes", "malloc_arena_max", "tls_cert", "tls_key", "log_level", "event_loop",
     ),
-    "batching": ("max_batch_size", "max_queue_delay_us", "max_queue_images", "instance_count", "stream_max_in_flight"),
+    "batching": (
+        "max_batch_size", "max_queue_delay_us", "max_queue_images", "instance_count", "inline_max_images",
+        "stream_max_in_flight",
+    ),
     "runtime": (
         "device", "cuda_device_id", "require_gpu", "tf32", "io_binding", "batch_buckets", "pinned_memory",
         "cuda_graphs", "intra_op_threads",

@@ -19,6 +19,10 @@ from serving.errors import InvalidInput, Overloaded, ServerDraining, status_of
 from serving.receipts import ReceiptKey
 from serving.repository import ModelRepository, ModelVersion
 
+DRAINING = "server is shutting down; retry on another replica"
+# A held call is refused this long before its deadline, so that the client gets the refusal, not DEADLINE_EXCEEDED.
+_DEADLINE_MARGIN_S = 0.05
+
 
 class ServerState:
     """What the request path needs to know about the process: readiness and drain."""
@@ -28,6 +32,9 @@ class ServerState:
         self.draining = False  # SIGTERM received: not ready (health NOT_SERVING), still answering
         # The drain's last moments: new calls get UNAVAILABLE with a retry pushback, streams stop reading.
         self.refusing_started = asyncio.Event()
+        # Set once the gRPC server has begun to shut down (GOAWAY is on its way): calls held while refusing get
+        # their UNAVAILABLE then, when the client's next call can no longer reach this process's gRPC queue.
+        self.goaway = asyncio.Event()
         self.last_call = 0.0  # time.monotonic() of the latest ModelInfer, refused ones included
 
     @property
@@ -75,7 +82,26 @@ class DataPlane:
     def refuse_if_draining(self) -> None:
         self.state.last_call = time.monotonic()  # refused calls too: the drain waits for quiet
         if self.state.refusing:
-            raise ServerDraining("server is shutting down; retry on another replica")
+            raise ServerDraining(DRAINING)
+
+    def refusing(self) -> bool:
+        """The drain's last phase: a new call is to be held, then refused (`refuse_after_goaway`)."""
+        self.state.last_call = time.monotonic()  # refused calls too: the drain waits for quiet
+        return self.state.refusing
+
+    async def refuse_after_goaway(self, deadline: float | None) -> None:
+        """Hold a call that arrived in the drain's last phase until GOAWAY is on its way (or just before its
+        deadline), then refuse it with UNAVAILABLE.
+
+        NOTE: gRPC's shutdown cancels (CANCELLED) every call it has received but not yet handed to a handler. A
+        client that calls again after each refusal would always have some there; held, its calls stop arriving,
+        so that nothing is waiting in gRPC when the shutdown begins, and it sees GOAWAY before its refusals."""
+        timeout = None if deadline is None else max(0.0, deadline - time.monotonic() - _DEADLINE_MARGIN_S)
+        try:
+            await asyncio.wait_for(self.state.goaway.wait(), timeout)
+        except TimeoutError:
+            pass
+        raise ServerDraining(DRAINING)
 
     async def read_admitted(self, read: Callable[[], Awaitable]) -> wire.InferRequest:
         """A unary call's request, read only once the process has room for it (else RESOURCE_EXHAUSTED unread)."""

@@ -76,11 +76,24 @@ def serve_here(settings: Settings, readiness: workers.Readiness | None = None) -
     from serving.server import serve
 
     try:
-        asyncio.run(serve(settings, readiness))
+        with asyncio.Runner(loop_factory=loop_factory(settings.event_loop)) as runner:
+            runner.run(serve(settings, readiness))
     except StartupError as exc:
         log.error("start-up failed: %s", exc)
         return 1
     return 0
+
+
+def loop_factory(name: str):
+    """The event loop's constructor: uvloop's (the default) or asyncio's own.
+
+    NOTE: uvloop takes a fifth off the CPU per request (bench/README.md, "Request path"): grpc.aio's completion
+    queue and every task step run on the loop, and uvloop's are cheaper."""
+    if name == "uvloop":
+        import uvloop
+
+        return uvloop.new_event_loop
+    return asyncio.new_event_loop
 
 
 def limit_malloc_arenas(arenas: int) -> None:

@@ -15,7 +15,7 @@ from serving.config import Settings, parse_version_policy
 from serving.errors import InvalidInput, ModelLoadFailed, ModelNotFound, ModelNotReady, StartupError
 from serving.golden import TOLERANCE, accuracy, load_golden_set, short_of_recorded
 from serving.model_settings import from_file as settings_from_file
-from serving.runtime import OnnxModel
+from serving.runtime import CPU, OnnxModel
 from serving.telemetry import VersionTelemetry
 
 log = logging.getLogger(__name__)
@@ -40,6 +40,7 @@ class ModelVersion:
             settings.max_queue_images,
             instances=settings.instance_count,
             name=f"{name}-{version}",
+            inline_images=settings.inline_max_images if self.provider == CPU and not self.model.bound else 0,
         )
         try:
             # On an execution thread of this version: with CUDA graphs (one instance, see Settings) the graphs

@@ -10,7 +10,7 @@ import time
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 
 from serving import telemetry
 from serving.canary import Canary
@@ -25,7 +25,7 @@ from serving.protos.pool import POOL
 from serving.receipts import ReceiptKey
 from serving.repository import ModelRepository
 from serving.runtime import check_device
-from serving.servicer import FeedbackServicer, InferenceServicer, add_inference_service
+from serving.servicer import FeedbackServicer, InferenceServicer, add_generic, add_inference_service
 from serving.workers import Readiness
 
 log = logging.getLogger(__name__)
@@ -39,8 +39,11 @@ NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 # The drain's last phase refuses calls (with a retry pushback) until none has arrived for this long, then
 # sends GOAWAY: clients are then waiting out the pushback, so no call is caught half-way in gRPC's queue.
 REFUSE_QUIET_S = 0.25
-# ... but never longer than this (a client without a retry policy would keep calling).
+# ... but never longer than this (calls arriving on new connections would keep it going).
 REFUSE_MAX_S = 2.0
+# How long after the shutdown begins the calls held in the last phase are refused: GOAWAY reaches their clients
+# first, so that their next calls do not land in this server's queue.
+GOAWAY_LEAD_S = 0.05
 
 
 class InferenceServer:
@@ -99,6 +102,11 @@ class InferenceServer:
             ("grpc.max_send_message_length", s.max_message_bytes),
             ("grpc.so_reuseport", 1 if s.workers > 1 else 0),
         ]
+        if s.stream_window_bytes:
+            # NOTE: with BDP probing gRPC grows every call's window to several MiB, and buffers that much of each
+            # request before the handler decides anything: memory then grew ~5 MiB per concurrent large caller,
+            # refused ones included (docs/reliability.md, "Memory under overload").
+            options += [("grpc.http2.bdp_probe", 0), ("grpc.http2.lookahead_bytes", s.stream_window_bytes)]
         if s.max_connection_age_s:
             # GOAWAY after the age (gRPC adds +-10 % jitter): the client reconnects, through its balancer, and so
             # reaches replicas added since. In-flight calls get the grace; new calls go to the new connection.
@@ -112,10 +120,14 @@ class InferenceServer:
         feedback = Feedback(receipts, ledger, self.repository.scorer)
         plane = DataPlane(self.repository, s, self.state, receipts)
         add_inference_service(InferenceServicer(plane, self.control), server)
-        feedback_pb2_grpc.add_FeedbackServiceServicer_to_server(FeedbackServicer(feedback), server)
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        add_generic(feedback_pb2_grpc.add_FeedbackServiceServicer_to_server, FeedbackServicer(feedback), server)
+        add_generic(health_pb2_grpc.add_HealthServicer_to_server, self.health, server)
         services = (INFERENCE_SERVICE, FEEDBACK_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME)
-        reflection.enable_server_reflection(services, server, pool=POOL)
+        add_generic(
+            reflection_pb2_grpc.add_ServerReflectionServicer_to_server,
+            reflection.aio.ReflectionServicer(services, pool=POOL),
+            server,
+        )
         return server
 
     def _bind(self, server: grpc.aio.Server) -> int:
@@ -185,8 +197,8 @@ class InferenceServer:
 
     async def stop(self, grace: float | None = None, delay: float | None = None) -> None:
         """Drain so that clients see no error: NOT_SERVING but still answering for `delay` (balancers and
-        health-checking clients move away), then refuse stragglers with a retry pushback until calls stop,
-        then GOAWAY (clients reconnect elsewhere) and let accepted calls finish within `grace`."""
+        health-checking clients move away), then hold stragglers until calls stop, then GOAWAY (clients reconnect
+        elsewhere), refuse the held calls with a retry pushback and let accepted calls finish within `grace`."""
         s = self.settings
         grace = s.grace_period_s if grace is None else grace
         delay = s.drain_delay_s if delay is None else delay
@@ -206,8 +218,9 @@ class InferenceServer:
                 pass
         if self._server is not None:
             # NOTE: grpc's stop() cancels calls it has received but not yet handed to a handler (CANCELLED, which
-            # clients do not retry). So first refuse with UNAVAILABLE plus a retry pushback: clients with a retry
-            # policy pause, the stream of calls dries up, and only then does GOAWAY go out.
+            # clients do not retry). So first hold every new call (refused with UNAVAILABLE plus a retry pushback
+            # once GOAWAY is out, DataPlane.refuse_after_goaway): clients that call again after each answer stop
+            # sending, the stream of calls dries up, and only then does the shutdown (and GOAWAY) begin.
             self.state.refusing = True
             started = time.monotonic()
             while (
@@ -216,7 +229,12 @@ class InferenceServer:
                 and not self.hurry.is_set()
             ):
                 await asyncio.sleep(0.01)
-            await self._server.stop(0 if self.hurry.is_set() else grace)
+            stopping = asyncio.create_task(self._server.stop(0 if self.hurry.is_set() else grace))
+            # The shutdown has begun (GOAWAY on its way, nothing waiting in gRPC's queue): the held calls are
+            # refused now, and their clients' next calls go to a new connection.
+            await asyncio.sleep(GOAWAY_LEAD_S)
+            self.state.goaway.set()
+            await stopping
             log.info("drained: answered_during_drain=%d", self._answered() - answered_before)
         for mv in self.repository.versions():
             mv.batcher.close()

@@ -8,7 +8,7 @@ import grpc
 
 from serving import __version__, codec, wire
 from serving.dataplane import DataPlane
-from serving.errors import grpc_errors
+from serving.errors import ServerDraining, grpc_errors
 from serving.feedback import Feedback
 from serving.model_control import ModelControl, load_options
 from serving.protos import feedback_pb2, feedback_pb2_grpc
@@ -91,11 +91,17 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         """Registered stream-unary (the same bytes on the wire as unary, see add_inference_service), so that
         the request is read only once admitted: one refused for memory is never copied into the process."""
         deadline = _deadline(context)
-        self.plane.refuse_if_draining()  # before reading: a refused call costs nothing
+        if self.plane.refusing():  # before reading: a refused call is never read
+            await self.plane.refuse_after_goaway(deadline)
         return await self.plane.infer(await self.plane.read_admitted(context.read), deadline)
 
     async def ModelStreamInfer(self, request_iterator, context):
         """Triton's bidirectional stream: each request answered (in completion order) with its id echoed."""
+        if self.plane.refusing():
+            try:
+                await self.plane.refuse_after_goaway(_deadline(context))
+            except ServerDraining as exc:
+                await context.abort(exc.code, str(exc), trailing_metadata=exc.trailers)
         stream = InferStream(self.plane, request_iterator, _deadline(context))
         async for response in stream.responses():
             yield response
@@ -106,23 +112,37 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
 
 def add_inference_service(servicer: InferenceServicer, server: grpc.aio.Server) -> None:
-    """Register the generated GRPCInferenceService handlers, except that ModelInfer and ModelStreamInfer read
+    """Register GRPCInferenceService: the generated handlers, except that ModelInfer and ModelStreamInfer read
     their requests with serving.wire (raw tensor bytes by reference, no copies): the handlers get InferRequests."""
+
+    def adapt(handlers: dict) -> dict:
+        handlers["ModelStreamInfer"] = handlers["ModelStreamInfer"]._replace(
+            request_deserializer=wire.parse_infer_request, response_serializer=wire.serialize
+        )
+        # Clients call ModelInfer as unary; served as stream-unary (identical on the wire) the handler decides
+        # whether to read the request at all (ModelInfer above).
+        handlers["ModelInfer"] = grpc.stream_unary_rpc_method_handler(
+            servicer.ModelInfer,
+            request_deserializer=wire.parse_infer_request,
+            response_serializer=wire.serialize,
+        )
+        return handlers
+
+    add_generic(pb_grpc.add_GRPCInferenceServiceServicer_to_server, servicer, server, adapt)
+
+
+def add_generic(add_to_server, servicer, server: grpc.aio.Server, adapt=None) -> None:
+    """Register a service through the generated `add_..._to_server`, as a generic handler only.
+
+    NOTE: grpcio 1.85's accept loop waits on one future per registered method (plus one for generic handlers)
+    for every call and re-arms one each time: with the 17 methods served here that is most of its cost. As
+    generic handlers only, every call comes through the one generic future (bench/README.md, "Request path")."""
     captured = _Registration()
-    pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, captured)
+    add_to_server(servicer, captured)
     handlers = dict(captured.handlers)
-    handlers["ModelStreamInfer"] = handlers["ModelStreamInfer"]._replace(
-        request_deserializer=wire.parse_infer_request, response_serializer=wire.serialize
-    )
-    # Clients call ModelInfer as unary; served as stream-unary (identical on the wire) the handler decides
-    # whether to read the request at all (ModelInfer above).
-    handlers["ModelInfer"] = grpc.stream_unary_rpc_method_handler(
-        servicer.ModelInfer,
-        request_deserializer=wire.parse_infer_request,
-        response_serializer=wire.serialize,
-    )
+    if adapt is not None:
+        handlers = adapt(handlers)
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(captured.service, handlers),))
-    server.add_registered_method_handlers(captured.service, handlers)
 
 
 class _Registration:

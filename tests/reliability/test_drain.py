@@ -183,3 +183,91 @@ async def test_a_plain_client_sees_answers_or_refusals_never_cancelled_or_cut(
     assert not [e for e in errors if e[0] == "CANCELLED"], errors
     # UNAVAILABLE only as the drain's refusal (read nothing, retry elsewhere): not "socket closed" or a reset.
     assert all(c == "UNAVAILABLE" and "shutting down" in d for c, d in errors), errors
+
+
+def _cut(code: str, details: str) -> bool:
+    """An outcome that means a call was lost or cut under way, rather than answered or refused."""
+    if code == "CANCELLED":
+        return True
+    if code != "UNAVAILABLE":
+        return True
+    # The drain's refusal, or (once this server is gone) no server to connect to: both sent nothing anywhere.
+    return not ("shutting down" in details or "failed to connect" in details.lower())
+
+
+async def _keep_calling_unary(stub, reference, outcomes: list[tuple[str, str]], stop: asyncio.Event) -> None:
+    while not stop.is_set():
+        try:
+            reply = await stub.ModelInfer(infer_request(reference.images[:1], "mnist"), timeout=30)
+        except grpc.aio.AioRpcError as err:
+            outcomes.append((err.code().name, err.details() or ""))
+            await asyncio.sleep(0.01)  # as application code and load generators do: pause, call again
+            continue
+        outcomes.append(("OK" if reference.check(0, 1, probabilities(reply)) else "WRONG", ""))
+
+
+async def _drain_queue(queue: asyncio.Queue):
+    while (item := await queue.get()) is not None:
+        yield item
+
+
+async def _keep_streaming(stub, reference, outcomes: list[tuple[str, str]], stop: asyncio.Event) -> None:
+    """One request at a time over a ModelStreamInfer stream, reopened 10 ms after the stream fails."""
+    from serving.protos import grpc_service_pb2 as pb
+
+    while not stop.is_set():
+        queue: asyncio.Queue = asyncio.Queue()
+        call = stub.ModelStreamInfer(_drain_queue(queue), timeout=60)
+        try:
+            while not stop.is_set():
+                await queue.put(infer_request(reference.images[:1], "mnist"))
+                response: pb.ModelStreamInferResponse = await call.read()
+                if response is grpc.aio.EOF:
+                    outcomes.append(("EOF", ""))
+                    break
+                if response.error_message:
+                    outcomes.append(tuple(response.error_message.split(": ", 1)))
+                else:
+                    ok = reference.check(0, 1, probabilities(response.infer_response))
+                    outcomes.append(("OK" if ok else "WRONG", ""))
+            await queue.put(None)
+            await call
+        except grpc.aio.AioRpcError as err:
+            outcomes.append((err.code().name, err.details() or ""))
+        await asyncio.sleep(0.01)
+
+
+@pytest.mark.parametrize(
+    ("workers", "kind"), [(1, "unary"), (2, "unary"), (1, "stream")], ids=["w1-unary", "w2-unary", "w1-stream"]
+)
+async def test_a_client_that_keeps_calling_through_the_drain_is_never_cancelled(
+    trained_repository, tmp_path, reference, workers, kind
+):
+    """A client with no retry policy that calls again 10 ms after every error (as application code and load
+    generators do), 32 calls in flight on one channel, SIGTERM with the default flags: every call is answered, or
+    refused with UNAVAILABLE (by the drain, or once the server is gone, for want of a server to connect to); none
+    is CANCELLED or cut. (gRPC's shutdown cancels the calls waiting in its queue: the drain keeps it empty.)"""
+    server = start_server(trained_repository, tmp_path, "--workers", str(workers))
+    outcomes: list[tuple[str, str]] = []
+    stop = asyncio.Event()
+    caller = _keep_calling_unary if kind == "unary" else _keep_streaming
+    try:
+        async with grpc.aio.insecure_channel(server.url) as ch:
+            stub = pb_grpc.GRPCInferenceServiceStub(ch)
+            tasks = [asyncio.create_task(caller(stub, reference, outcomes, stop)) for _ in range(32)]
+            await asyncio.sleep(1.5)
+            assert sum(o[0] == "OK" for o in outcomes) > 100, server.log()
+            server.proc.send_signal(signal.SIGTERM)
+            code = await asyncio.to_thread(server.proc.wait, 60)
+            await asyncio.sleep(0.5)  # the client keeps calling a server that is gone
+            stop.set()
+            await asyncio.wait_for(asyncio.gather(*tasks), 60)
+    finally:
+        stop.set()
+        server.stop(signal.SIGKILL)
+    seen = {f"{c}: {d[:50]}" for c, d in outcomes if c != "OK"}
+    report(f"drain_keeps_calling_{kind}_w{workers}", {"ok": sum(c == "OK" for c, _ in outcomes), "seen": sorted(seen)})
+    assert code == 0, server.log()[-3000:]
+    cut = [(c, d) for c, d in outcomes if c != "OK" and _cut(c, d)]
+    assert cut == [], (cut[:5], sorted(seen))
+    assert any("shutting down" in d for _, d in outcomes), sorted(seen)  # the drain's refusal was seen

@@ -263,8 +263,9 @@ async def test_drain_waits_for_queued_work():
     batcher.close()
 
 
-async def test_inference_never_runs_on_the_event_loop():
-    """Small or large, idle or busy: every run happens on the version's execution threads."""
+async def test_inference_never_runs_on_the_event_loop_without_inline_images():
+    """Small or large, idle or busy: with inline_images 0 (CUDA, or --inline-max-images 0) every run happens on
+    the version's execution threads."""
     rec = Recorder()
     threads = []
 
@@ -432,3 +433,45 @@ def test_model_config_reports_the_instance_count():
     )
     config = model_config(mv)
     assert [(g.count, g.kind) for g in config.instance_group] == [(3, mc.ModelInstanceGroup.KIND_CPU)]
+
+
+async def test_small_requests_of_one_loop_iteration_run_together_on_the_loop():
+    """inline_images: requests queued in one loop iteration run as one run on the event loop, split by dtype and
+    max_batch_size; a larger request goes to the execution thread."""
+    rec = Recorder()
+    ran: list[tuple[int, int, np.dtype]] = []
+
+    def run(x):
+        ran.append((threading.get_ident(), x.shape[0], x.dtype))
+        return model(x.astype(np.float64))
+
+    batcher = Batcher(run, rec, max_batch_size=8, inline_images=4)
+    sizes = [(1, np.float32), (2, np.float32), (1, np.uint8), (4, np.float32), (3, np.float32), (6, np.float32)]
+    calls = [batcher.infer(np.full((n, 2), n, dtype=dtype)) for n, dtype in sizes]
+    answers = await asyncio.gather(*calls)
+    for (n, _), answer in zip(sizes, answers, strict=True):
+        np.testing.assert_array_equal(answer.probs, np.full((n, 10), 2.0 * n))
+    loop_thread = threading.get_ident()
+    on_loop = sorted((n, str(d)) for t, n, d in ran if t == loop_thread)
+    # float32 1+2+4 fits in 8, then 3; uint8 alone; the 6-image request (> inline_images) on the thread
+    assert on_loop == [(1, "uint8"), (3, "float32"), (7, "float32")], ran
+    assert [(n, t in batcher.thread_ids) for t, n, _ in ran if t != loop_thread] == [(6, True)]
+    assert sorted(rec.batches) == [(1, 1), (3, 1), (6, 1), (7, 3)]
+    assert batcher.queued_images == 0 and batcher.unanswered_images == 0
+    batcher.close()
+
+
+async def test_a_failing_request_run_on_the_loop_fails_alone():
+    rec = Recorder()
+
+    def run(x):
+        if (x < 0).any():
+            raise ValueError("negative pixels")
+        return model(x)
+
+    batcher = Batcher(run, rec, max_batch_size=8, inline_images=4)
+    good, bad = batcher.infer(np.ones((2, 2))), batcher.infer(-np.ones((1, 2)))
+    results = await asyncio.gather(good, bad, return_exceptions=True)
+    np.testing.assert_array_equal(results[0].probs, np.full((2, 10), 2.0))
+    assert isinstance(results[1], ValueError)
+    batcher.close()
