@@ -17,7 +17,7 @@ DEVICE_FILE := $(VENV)/.device
 REQS := deploy/docker/requirements.py
 
 .PHONY: FORCE help venv data train model run serve client evaluate tensorboard test check lint protos \
-        bench gpu-check k8s-check metrics-demo soak prometheus-bin perf-analyzer peers clean
+        bench gpu-check k8s-check metrics-demo soak prometheus-bin perf-analyzer peers clean image image-test image-tools
 
 FORCE:
 
@@ -83,6 +83,17 @@ prometheus-bin: ## install the Prometheus server and promtool (Debian package) i
 	@command -v prometheus >/dev/null && command -v promtool >/dev/null || \
 	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null; }
 
+image-tools: ## install buildah and debootstrap (Debian packages) if missing: the image builds need no Docker daemon
+	@command -v buildah >/dev/null && command -v debootstrap >/dev/null || \
+	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends buildah debootstrap >/dev/null; } || \
+	  echo "warning: buildah/debootstrap could not be installed: the image tests will be skipped"
+
+image: image-tools model ## build the CPU, model-baked and training images with buildah (deploy/docker/images.sh)
+	bash deploy/docker/images.sh cpu model training
+
+image-test: $(DATA) image-tools ## build the images and run them as the manifests do (tests/deploy/test_images.py)
+	$(PY) -m pytest -ra tests/deploy/test_images.py $(ARGS)
+
 perf-analyzer: $(STAMP) ## Triton's perf_analyzer (tritonclient 2.41.1 wheel) + libcudart + libb64 into build/perf_analyzer
 	@dpkg -s libb64-0d >/dev/null 2>&1 || \
 	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends libb64-0d >/dev/null; }
@@ -107,7 +118,7 @@ lint: $(STAMP) ## ruff
 k8s-check: $(STAMP) prometheus-bin ## render + schema-validate the k8s manifests, promtool, hadolint (offline)
 	$(PY) tests/deploy/k8s_check.py --out build/k8s
 
-test: $(DATA) prometheus-bin perf-analyzer ## lint, unit, integration and end-to-end tests, manifest checks
+test: $(DATA) prometheus-bin perf-analyzer image-tools ## lint, unit, integration and end-to-end tests, manifest checks
 	$(MAKE) lint
 	$(MAKE) k8s-check
 	$(PY) -m pytest -ra $(ARGS)

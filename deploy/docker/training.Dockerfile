@@ -16,8 +16,10 @@ COPY pyproject.toml ./
 COPY deploy/docker/requirements.py deploy/docker/requirements.py
 RUN python deploy/docker/requirements.py --extra train > requirements.txt \
     && pip install --requirement requirements.txt
-# README.md (the package description) after the dependency layer: editing it reinstalls nothing.
+# README.md (the package description) after the dependency layer: editing it reinstalls nothing. training/ and the
+# model contract it shares with the server (serving/contract.py: names, shapes, scaling); not the server itself.
 COPY README.md ./
+COPY serving/__init__.py serving/contract.py serving/
 COPY training/ training/
 RUN pip install --no-deps . \
     && pip check \
