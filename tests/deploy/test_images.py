@@ -37,22 +37,24 @@ pytestmark = [
 ]
 TAG = "0.1.0"
 CPU, MODEL, TRAINING = f"mnist-serving:{TAG}-cpu", f"mnist-serving:{TAG}-cpu-model", f"mnist-training:{TAG}"
+GPU_REHEARSAL = f"mnist-serving:{TAG}-gpu-rehearsal"  # serving.Dockerfile's steps on the CPU stand-in base
 BUILD_TIMEOUT_S = 1800
 UID = 10001  # the Dockerfiles' USER
 
 
 @pytest.fixture(scope="module")
 def images(trained_repository, tmp_path_factory) -> dict[str, dict]:
-    """Build the CPU, model-baked (with the session's trained model) and training images; their OCI configs."""
+    """Build the CPU, model-baked (with the session's trained model) and training images, and the GPU image's
+    steps on the stand-in base; their configs."""
     log = tmp_path_factory.mktemp("images") / "build.log"
     with open(log, "w") as out:
         done = subprocess.run(
-            ["bash", "deploy/docker/images.sh", "cpu", "model", "training"],
+            ["bash", "deploy/docker/images.sh", "cpu", "model", "training", "gpu-rehearsal"],
             cwd=REPO, env={**os.environ, "REPO": str(trained_repository)}, stdout=out, stderr=subprocess.STDOUT,
             timeout=BUILD_TIMEOUT_S,
         )  # fmt: skip
     assert done.returncode == 0, log.read_text()[-5000:]
-    return {name: inspect(name) for name in (CPU, MODEL, TRAINING)}
+    return {name: inspect(name) for name in (CPU, MODEL, TRAINING, GPU_REHEARSAL)}
 
 
 def inspect(image: str) -> dict:
@@ -216,3 +218,19 @@ def test_the_training_image_trains_a_model_the_cpu_image_serves(images, rendered
     served.mkdir()
     seen = serve_and_drain(rendered, CPU, images[CPU], served, models, mnist_data)
     assert seen["code"] == 0 and seen["accuracy"] > 0.85, (seen["accuracy"], seen["log"][-3000:])
+
+
+def test_the_gpu_image_steps_build_and_refuse_to_serve_on_cpu_under_require_gpu(images, tmp_path, trained_repository):
+    """The GPU Dockerfile's steps (onnxruntime-gpu, its smoke test) on the stand-in base: no CUDA here, so the
+    GPU overlay's `--device cuda --require-gpu` must refuse to start, naming the cause."""
+    args = ["--host", "127.0.0.1", "--grpc-port", str(free_port()), "--metrics-port", "0", "--model-repository",
+            "/models", "--device", "cuda", "--require-gpu"]  # fmt: skip
+    config = images[GPU_REHEARSAL]
+    container = Container(GPU_REHEARSAL, config, args, {}, {trained_repository: "/models:ro"}, tmp_path / "gpu.log")
+    try:
+        code = container.wait(120)
+    finally:
+        container.remove()
+    log = container.log.read_text()
+    assert code == 1, log[-3000:]
+    assert "start-up failed:" in log and "libcuda.so.1" in log, log[-3000:]
