@@ -99,6 +99,24 @@ def find_object(objects: list[dict], kind: str, name: str | None = None) -> dict
     return found[0]
 
 
+def secret_volumes(deployment: dict, container: dict, root: Path) -> dict[str, Path]:
+    """The container's Secret volumes as local directories under `root` holding their items (random bytes, as
+    `kubectl create secret` would hold): mount path -> directory."""
+    import os
+
+    volumes = {v["name"]: v for v in deployment["spec"]["template"]["spec"]["volumes"]}
+    out = {}
+    for mount in container["volumeMounts"]:
+        secret = volumes[mount["name"]].get("secret")
+        if secret is not None:
+            directory = root / "secrets" / mount["name"]
+            directory.mkdir(parents=True)
+            for item in secret.get("items", [{"path": "key"}]):
+                (directory / item["path"]).write_bytes(os.urandom(32))
+            out[mount["mountPath"]] = directory
+    return out
+
+
 def validate_object(obj: dict, version: str = KUBERNETES_VERSION) -> None:
     """Strict schema validation (unknown fields rejected); custom resources by check_custom_resource, KServe's by
     its vendored CRDs (validate_with_crd)."""

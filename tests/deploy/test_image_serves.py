@@ -8,7 +8,6 @@ image's set, where `--require-gpu` must refuse to start rather than serve on the
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
 import subprocess
@@ -20,7 +19,7 @@ import grpc
 import image_venv
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from k8s_check import DOCKER, env_vars, find_object, last, stages
+from k8s_check import DOCKER, env_vars, find_object, last, secret_volumes, stages
 
 from bench.common import ChildServer, free_port
 from serving.client import infer_request, probabilities
@@ -83,15 +82,7 @@ def pod(tmp_path, trained_repository, rendered) -> dict[str, Path]:
     models = Path(shutil.copytree(trained_repository, tmp_path / "models"))
     paths = {"/tmp": tmp, "/models": models, "/opt/mnist-data": image_venv.REPO / "data"}
     deployment, server = container(rendered["cpu"])
-    volumes = {v["name"]: v for v in deployment["spec"]["template"]["spec"]["volumes"]}
-    for mount in server["volumeMounts"]:
-        secret = volumes[mount["name"]].get("secret")
-        if secret is not None:
-            directory = tmp_path / "secrets" / mount["name"]
-            directory.mkdir(parents=True)
-            for item in secret.get("items", [{"path": "key"}]):
-                (directory / item["path"]).write_bytes(os.urandom(32))
-            paths[mount["mountPath"]] = directory
+    paths.update(secret_volumes(deployment, server, tmp_path))
     return paths
 
 

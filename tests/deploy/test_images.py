@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import psutil
 import pytest
-from k8s_check import REPO, find_object
+from k8s_check import REPO, find_object, secret_volumes
 
 from bench.common import ChildServer, free_port
 
@@ -123,15 +123,8 @@ def run_as_the_pod(rendered, image: str, config: dict, tmp_path: Path, repositor
     mounts: dict[Path, str] = {emptydir: "/tmp"}
     if repository is not None:
         mounts[repository] = "/models:ro"
-    volumes = {v["name"]: v for v in deployment["spec"]["template"]["spec"]["volumes"]}
-    for mount in server["volumeMounts"]:
-        secret = volumes[mount["name"]].get("secret")
-        if secret is not None:
-            directory = tmp_path / "secrets" / mount["name"]
-            directory.mkdir(parents=True)
-            for item in secret.get("items", [{"path": "key"}]):
-                (directory / item["path"]).write_bytes(os.urandom(32))
-            mounts[directory] = f"{mount['mountPath']}:ro"
+    for mount_path, directory in secret_volumes(deployment, server, tmp_path).items():
+        mounts[directory] = f"{mount_path}:ro"
     container = Container(image, config, args, env, mounts, tmp_path / "container.log")
     return container, grpc_port, metrics_port, deployment
 
