@@ -475,12 +475,13 @@ def main(argv: list[str] | None = None) -> int:
 
     providers = ort.get_available_providers()
     devices = cuda_devices()
+    problem = driver_problem()  # the driver's own reason, asked once
     if args.rehearse_on_cpu:
         args.device, args.expect, args.cuda_graphs = "cpu", CPU, False
         print("rehearsal on CPU: every step runs on CPUExecutionProvider; CUDA is not checked")
-    elif CUDA not in providers or not devices or driver_problem():
+    elif CUDA not in providers or not devices or problem:
         why = "" if CUDA not in providers else f" (the build has {CUDA} but there is no /dev/nvidia* device)"
-        if problem := driver_problem():
+        if problem:
             why = f"; {explain(problem)}"
         print(f"no CUDA here: onnxruntime providers = {providers}{why}; nothing measured, nothing to check")
         if args.require:

@@ -3,9 +3,8 @@
 Memory under a burst of large requests is set by how many of them are read at once: a call whose message
 gRPC reads is received in full (gRPC's buffers, then Python's bytes), while a call refused before its
 message is read costs at most its HTTP/2 window in gRPC's buffers (--stream-window-bytes; the server never
-copies it). The
-size of a request is only known once it is read, so a call is refused unread when the bytes already held,
-plus a typical request (a moving average of recent sizes) for each call being read and for this one, would
+copies it). The size of a request is only known once it is read, so a call is refused unread when the bytes
+already held, plus a typical request (a moving average of recent sizes) for each call being read and for this one, would
 pass the budget; a call read in spite of that (sizes vary) is refused when its real size does not fit. One
 request alone is always admitted. A ModelStreamInfer stream is not refused but waits (`wait_for_room`): it
 stops reading, and HTTP/2 flow control slows its client. Measured in docs/reliability.md ("Memory under

@@ -194,9 +194,13 @@ class Batcher:
         request per run, as before the execution threads, starved the loop."""
         pending, self._inline = self._inline, []
         for batch in _runs(pending, self._max_batch):
-            with self._taken_lock:
-                self._taken += sum(p.images.shape[0] for p in batch)
+            self._take(batch)
             self._execute(batch, self._finish)
+
+    def _take(self, batch: list[_Pending]) -> None:
+        """Count `batch`'s images as taken off the queue (by an execution thread or the loop: one at a time)."""
+        with self._taken_lock:
+            self._taken += sum(p.images.shape[0] for p in batch)
 
     # ------------------------------------------------------------------ execution threads
 
@@ -212,8 +216,7 @@ class Batcher:
                 _call(item)
                 continue
             batch, carry = self._gather(item)
-            with self._taken_lock:  # one writer at a time: `instances` threads take
-                self._taken += sum(p.images.shape[0] for p in batch)
+            self._take(batch)
             try:
                 self._execute(batch, functools.partial(batch[0].future.get_loop().call_soon_threadsafe, self._finish))
             except Exception:  # never lose the thread: the next requests would wait forever

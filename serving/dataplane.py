@@ -80,8 +80,7 @@ class DataPlane:
     # ---------------------------------------------------------------- inference
 
     def refuse_if_draining(self) -> None:
-        self.state.last_call = time.monotonic()  # refused calls too: the drain waits for quiet
-        if self.state.refusing:
+        if self.refusing():
             raise ServerDraining(DRAINING)
 
     def refusing(self) -> bool:

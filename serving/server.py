@@ -36,8 +36,8 @@ FEEDBACK_SERVICE = feedback_pb2.DESCRIPTOR.services_by_name["FeedbackService"].f
 LIVENESS = "liveness"
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
-# The drain's last phase refuses calls (with a retry pushback) until none has arrived for this long, then
-# sends GOAWAY: clients are then waiting out the pushback, so no call is caught half-way in gRPC's queue.
+# The drain's last phase holds new calls until none has arrived for this long, then sends GOAWAY and refuses the
+# held calls: their clients were waiting for an answer, so no call is caught half-way in gRPC's queue.
 REFUSE_QUIET_S = 0.25
 # ... but never longer than this (calls arriving on new connections would keep it going).
 REFUSE_MAX_S = 2.0

@@ -45,12 +45,20 @@ def gpu_listing() -> str:
     return done.stdout if done.returncode == 0 else ""
 
 
-def driver_problem() -> str | None:
-    """Why this host's NVIDIA driver cannot run CUDA (serving/cuda_host.py, standard library only), or None."""
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root: `make` runs this file
-    from serving.cuda_host import driver_problem
+def _cuda_host():
+    """serving/cuda_host.py (standard library only), imported from the repository root: `make` runs this file
+    before any package is installed. Imported only when a device is chosen (the Dockerfiles copy this file alone)."""
+    root = str(Path(__file__).resolve().parents[2])
+    if root not in sys.path:
+        sys.path.insert(0, root)
+    import serving.cuda_host
 
-    return driver_problem()
+    return serving.cuda_host
+
+
+def driver_problem() -> str | None:
+    """Why this host's NVIDIA driver cannot run CUDA, or None."""
+    return _cuda_host().driver_problem()
 
 
 def choose_device(device: str, listing: str | None = None, problem=driver_problem) -> tuple[str, str]:
@@ -66,9 +74,7 @@ def choose_device(device: str, listing: str | None = None, problem=driver_proble
     listed = f"nvidia-smi lists {len(gpus)} GPU(s): {gpus[0].strip()}"
     why_not = problem()
     if why_not:
-        from serving.cuda_host import explain
-
-        return "cpu", f"DEVICE=auto: {listed}, but {explain(why_not)}. Installing the CPU build"
+        return "cpu", f"DEVICE=auto: {listed}, but {_cuda_host().explain(why_not)}. Installing the CPU build"
     return "cuda", f"DEVICE=auto: {listed}"
 
 
@@ -134,9 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.device:
         device, why = choose_device(args.device)
         if args.print_device and args.device == "cuda" and (why_not := driver_problem()):
-            from serving.cuda_host import explain
-
-            print(f"DEVICE=cuda: {explain(why_not)}", file=sys.stderr)
+            print(f"DEVICE=cuda: {_cuda_host().explain(why_not)}", file=sys.stderr)
             return 1
         onnxruntime = DEVICE_REQUIREMENT[device]
         args.extra += DEVICE_EXTRAS[device]
