@@ -101,9 +101,13 @@ _PDEATHSIG_EXEC = (
 
 
 def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
-    """The environment of a server child: this one without SERVING_* and PROMETHEUS_MULTIPROC_DIR (a developer's
-    shell must not change what a test or benchmark runs), plus `extra`, which may set them on purpose."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SERVING_") and k != "PROMETHEUS_MULTIPROC_DIR"}
+    """The environment of a server child: this one without SERVING_*, OTEL_* and PROMETHEUS_MULTIPROC_DIR (a
+    developer's shell must not change what a test or benchmark runs), plus `extra`, which may set them on purpose."""
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("SERVING_", "OTEL_")) and k != "PROMETHEUS_MULTIPROC_DIR"
+    }
     env["PYTHONUNBUFFERED"] = "1"
     env.update(extra or {})
     return env

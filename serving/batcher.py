@@ -53,6 +53,24 @@ class BatchObserver(Protocol):
     def on_queue_depth(self, images: int) -> None: ...
 
 
+@dataclass(slots=True, eq=False)
+class Run:
+    """One onnxruntime run, shared by the answers of the requests it served (times: time.perf_counter())."""
+
+    started: float  # taken off the queue
+    joined: float  # inputs joined: the model starts
+    ended: float  # the model is done
+    images: int
+    requests: int
+    thread: str  # the execution thread, or the event loop's
+    traced: list  # the `trace` objects of the requests that brought one (serving.tracing's spans)
+    span: object = None  # its own span, once serving.tracing made one
+
+    @property
+    def seconds(self) -> float:
+        return self.ended - self.joined
+
+
 @dataclass(slots=True)
 class Answer:
     """One request's share of a run."""
@@ -60,7 +78,11 @@ class Answer:
     probs: np.ndarray  # (n, 10) float32
     classes: np.ndarray  # (n,) int64: probs.argmax(axis=1)
     queue_s: float  # waiting for an execution thread
-    run_s: float  # the whole run it was part of
+    run: Run  # the whole run it was part of
+
+    @property
+    def run_s(self) -> float:
+        return self.run.seconds
 
 
 @dataclass(slots=True, eq=False)
@@ -69,6 +91,7 @@ class _Pending:
     future: asyncio.Future
     deadline: float | None  # time.monotonic() after which the answer is useless
     client: bool  # its answer counts in the drift signals
+    trace: object = None  # the request's span, when it is traced
     enqueued: float = field(default_factory=time.perf_counter)
 
 
@@ -81,6 +104,7 @@ class _Call:
 
 
 _STOP = object()
+_LOOP = "event-loop"  # Run.thread of the runs made on the event loop (`_flush`)
 
 
 class Batcher:
@@ -143,11 +167,17 @@ class Batcher:
         return future.result()
 
     async def infer(
-        self, images: np.ndarray, deadline: float | None = None, client: bool = True, wait: bool = False
+        self,
+        images: np.ndarray,
+        deadline: float | None = None,
+        client: bool = True,
+        wait: bool = False,
+        trace: object = None,
     ) -> Answer:
         """`images`' answer, computed in whichever batch they land in (`client`: a client's request, whose answer
-        the drift signals count). A full queue refuses the request (Overloaded), or with `wait` (streams, which
-        are slowed rather than refused) holds it until there is room."""
+        the drift signals count; `trace`: its span, listed in the answer's Run). A full queue refuses the request
+        (Overloaded), or with `wait` (streams, which are slowed rather than refused) holds it until there is
+        room."""
         if self._closed:
             raise ModelNotReady("this model version is being unloaded; retry")
         n = images.shape[0]
@@ -161,7 +191,7 @@ class Batcher:
         loop = asyncio.get_running_loop()
         future = loop.create_future()
         self._submitted += n
-        pending = _Pending(images, future, deadline, client)
+        pending = _Pending(images, future, deadline, client, trace)
         if n <= self._inline_images and self._max_delay == 0:
             if not self._inline:
                 loop.call_soon(self._flush)
@@ -195,7 +225,7 @@ class Batcher:
         pending, self._inline = self._inline, []
         for batch in _runs(pending, self._max_batch):
             self._take(batch)
-            self._execute(batch, self._finish)
+            self._execute(batch, self._finish, _LOOP)
 
     def _take(self, batch: list[_Pending]) -> None:
         """Count `batch`'s images as taken off the queue (by an execution thread or the loop: one at a time)."""
@@ -218,7 +248,8 @@ class Batcher:
             batch, carry = self._gather(item)
             self._take(batch)
             try:
-                self._execute(batch, functools.partial(batch[0].future.get_loop().call_soon_threadsafe, self._finish))
+                finish = functools.partial(batch[0].future.get_loop().call_soon_threadsafe, self._finish)
+                self._execute(batch, finish, threading.current_thread().name)
             except Exception:  # never lose the thread: the next requests would wait forever
                 log.exception("execution thread: a run could not be handed back")
 
@@ -248,14 +279,14 @@ class Batcher:
             images += n
         return batch, None
 
-    def _execute(self, batch: list[_Pending], finish: Callable) -> None:
-        """Run the live requests of `batch` (expired and cancelled ones are dropped) and hand the results to
-        `finish` (on the event loop)."""
+    def _execute(self, batch: list[_Pending], finish: Callable, thread: str) -> None:
+        """Run the live requests of `batch` (expired and cancelled ones are dropped) on `thread` and hand the
+        results to `finish` (on the event loop)."""
         start = time.perf_counter()
         now = time.monotonic()
         live = [p for p in batch if not p.future.done() and (p.deadline is None or now <= p.deadline)]
         if not live:
-            finish(batch, live, None, start, start, start)
+            finish(batch, live, None, Run(start, start, start, 0, 0, thread, []))
             return
         images = live[0].images if len(live) == 1 else np.concatenate([p.images for p in live])
         joined = time.perf_counter()
@@ -263,7 +294,8 @@ class Batcher:
             result = self._run(images)
         except Exception as exc:
             result = self._isolate(live, exc)
-        finish(batch, live, result, start, joined, time.perf_counter())
+        traced = [p.trace for p in live if p.trace is not None]
+        finish(batch, live, result, Run(start, joined, time.perf_counter(), len(images), len(live), thread, traced))
 
     def _isolate(self, live: list[_Pending], exc: Exception) -> list:
         """A failed run of several requests is rerun one by one so that only the culprit fails."""
@@ -280,7 +312,7 @@ class Batcher:
 
     # ------------------------------------------------------------------ back on the event loop
 
-    def _finish(self, batch: list[_Pending], live: list[_Pending], result, start: float, joined: float, ran: float):
+    def _finish(self, batch: list[_Pending], live: list[_Pending], result, run: Run) -> None:
         """Answer every request of a run (its slice, its failure, or a deadline for the expired)."""
         self._finished += sum(p.images.shape[0] for p in batch)
         self._room.set()
@@ -304,32 +336,34 @@ class Batcher:
                     if not p.future.done():
                         p.future.set_exception(one)
                 else:
-                    self._answer([p], one, start, joined, ran, time.perf_counter())
+                    alone = Run(run.started, run.joined, run.ended, p.images.shape[0], 1, run.thread, run.traced)
+                    self._answer([p], one, alone, time.perf_counter())
             return
-        self._answer(live, result, start, joined, ran, time.perf_counter())
+        self._answer(live, result, run, time.perf_counter())
 
-    def _answer(self, live: list[_Pending], probs: np.ndarray, start: float, joined: float, ran: float, now: float):
-        seconds = ran - joined
+    def _answer(self, live: list[_Pending], probs: np.ndarray, run: Run, now: float) -> None:
         classes = probs.argmax(axis=1)
+        start = run.started
         if len(live) == 1:
             p = live[0]
             if not p.future.done():
-                p.future.set_result(Answer(probs, classes, start - p.enqueued, seconds))
+                p.future.set_result(Answer(probs, classes, start - p.enqueued, run))
         else:
             offset = 0
             for p in live:
                 n = p.images.shape[0]
                 if not p.future.done():
                     end = offset + n
-                    p.future.set_result(Answer(probs[offset:end], classes[offset:end], start - p.enqueued, seconds))
+                    p.future.set_result(Answer(probs[offset:end], classes[offset:end], start - p.enqueued, run))
                 offset += n
         # NOTE: after the answers: a failing observer must not leave callers waiting forever.
-        self._observe(self._record, live, probs, classes, start, seconds, joined - start, time.perf_counter() - now)
+        self._observe(self._record, live, probs, classes, run, time.perf_counter() - now)
 
-    def _record(self, live, probs, classes, start: float, seconds: float, input_s: float, output_s: float) -> None:
+    def _record(self, live, probs, classes, run: Run, output_s: float) -> None:
         """The run's statistics, and the drift signals of the answers that went to clients."""
-        self._observer.on_batch(probs.shape[0], len(live), seconds, input_s, output_s)
-        waits = [start - p.enqueued for p in live if p.client]
+        seconds = run.seconds
+        self._observer.on_batch(probs.shape[0], len(live), seconds, run.joined - run.started, output_s)
+        waits = [run.started - p.enqueued for p in live if p.client]
         if len(waits) == len(live):
             self._observer.on_answers(probs, classes, waits, seconds)
         elif waits:

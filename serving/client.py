@@ -17,6 +17,7 @@ import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from serving.contract import IMAGE_PIXELS, PIXEL_SCALE, TestSetError, read_test_set
+from serving.errors import StartupError
 from serving.protos import feedback_pb2
 from serving.protos import grpc_service_pb2 as pb
 from serving.protos import grpc_service_pb2_grpc as pb_grpc
@@ -143,7 +144,8 @@ def _channel(args, load_balancing: str | None = None) -> grpc.Channel:
 def cmd_predict(args) -> int:
     stub = pb_grpc.GRPCInferenceServiceStub(_channel(args))
     images = np.stack([image_to_mnist(Path(p)) for p in args.images])
-    probs = probabilities(stub.ModelInfer(infer_request(images, args.model, args.model_version), timeout=args.timeout))
+    request = infer_request(images, args.model, args.model_version)
+    probs = probabilities(stub.ModelInfer(request, timeout=args.timeout, metadata=args.metadata))
     for path, p in zip(args.images, probs, strict=True):
         digit = int(p.argmax())
         _say(f"{path}: {digit}  (p={p[digit]:.4f})  " + " ".join(f"{d}:{v:.3f}" for d, v in enumerate(p)))
@@ -163,7 +165,7 @@ def cmd_evaluate(args) -> int:
         for lo in range(0, len(x), args.batch_size)
     ]
     started = time.perf_counter()
-    answers, latencies = (_stream if args.stream else _unary)(stub, requests, args.timeout)
+    answers, latencies = (_stream if args.stream else _unary)(stub, requests, args.timeout, args.metadata)
     elapsed = time.perf_counter() - started
     correct = sum(
         int((probabilities(answers[r.id]).argmax(axis=1) == y[int(r.id) : int(r.id) + args.batch_size]).sum())
@@ -181,17 +183,17 @@ def cmd_evaluate(args) -> int:
     return 0
 
 
-def _unary(stub, requests: list, timeout: float) -> tuple[dict, list[float]]:
+def _unary(stub, requests: list, timeout: float, metadata=()) -> tuple[dict, list[float]]:
     """One ModelInfer call after another."""
     answers, latencies = {}, []
     for request in requests:
         t0 = time.perf_counter()
-        answers[request.id] = stub.ModelInfer(request, timeout=timeout)
+        answers[request.id] = stub.ModelInfer(request, timeout=timeout, metadata=metadata)
         latencies.append(time.perf_counter() - t0)
     return answers, latencies
 
 
-def _stream(stub, requests: list, timeout: float) -> tuple[dict, list[float]]:
+def _stream(stub, requests: list, timeout: float, metadata=()) -> tuple[dict, list[float]]:
     """Every request on one ModelStreamInfer stream, as fast as the server takes them (it bounds the in-flight)."""
     sent: dict[str, float] = {}
 
@@ -201,7 +203,7 @@ def _stream(stub, requests: list, timeout: float) -> tuple[dict, list[float]]:
             yield request
 
     answers, latencies = {}, []
-    for response in stub.ModelStreamInfer(outgoing(), timeout=timeout + len(requests)):
+    for response in stub.ModelStreamInfer(outgoing(), timeout=timeout + len(requests), metadata=metadata):
         if response.error_message:
             raise grpc.RpcError(f"request {response.infer_response.id}: {response.error_message}")
         answer = response.infer_response
@@ -328,6 +330,12 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--model-version", default="", help="default: the newest")
     parser.add_argument("--timeout", type=float, default=30.0, help="per-call deadline in seconds")
     parser.add_argument("--tls-ca", help="PEM CA certificate: use TLS")
+    parser.add_argument(
+        "--trace",
+        action="store_true",
+        help="send a W3C traceparent with predict/evaluate calls and print the trace id (also on whenever "
+        "OTEL_TRACES_EXPORTER is set, which exports the client's span as well)",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("predict", help="classify PNG images")
     p.add_argument("images", nargs="+")
@@ -379,6 +387,12 @@ def _add_control_commands(sub) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
+        trace = _trace(args)
+    except StartupError as exc:  # a bad OTEL_* value
+        sys.stderr.write(f"error: {exc}\n")
+        return 2
+    args.metadata = trace.metadata if trace else ()
+    try:
         return args.func(args)
     except ValueError as exc:
         sys.stderr.write(f"error: {exc}\n")
@@ -389,6 +403,19 @@ def main(argv: list[str] | None = None) -> int:
         else:  # a ModelStreamInfer response carrying error_message
             sys.stderr.write(f"error: {exc}\n")
         return 2
+    finally:
+        if trace is not None:
+            trace.end()
+            sys.stderr.write(f"trace id: {trace.trace_id}\n")
+
+
+def _trace(args):
+    """The command's trace (predict and evaluate), when asked for by --trace or the OTEL_* variables."""
+    from serving.tracing import ClientTrace, TracingConfig
+
+    if args.command not in ("predict", "evaluate") or not (args.trace or TracingConfig.read(os.environ)):
+        return None
+    return ClientTrace(f"serving.client {args.command}")
 
 
 if __name__ == "__main__":

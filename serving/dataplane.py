@@ -14,10 +14,12 @@ import grpc
 
 from serving import codec, telemetry, wire
 from serving.admission import Admission
+from serving.batcher import Answer
 from serving.config import Settings
 from serving.errors import InvalidInput, Overloaded, ServerDraining, status_of
 from serving.receipts import ReceiptKey
 from serving.repository import ModelRepository, ModelVersion
+from serving.tracing import NOT_TRACED, RequestSpan, Tracing
 
 DRAINING = "server is shutting down; retry on another replica"
 # A held call is refused this long before its deadline, so that the client gets the refusal, not DEADLINE_EXCEEDED.
@@ -50,13 +52,23 @@ class DataPlane:
     """Inference for the loaded models of one process."""
 
     def __init__(
-        self, repository: ModelRepository, settings: Settings, state: ServerState, receipts: ReceiptKey
+        self,
+        repository: ModelRepository,
+        settings: Settings,
+        state: ServerState,
+        receipts: ReceiptKey,
+        tracing: Tracing | None = None,
     ) -> None:
         self.repository = repository
         self.settings = settings
         self.state = state
         self.receipts = receipts
         self.admission = Admission(settings.max_inflight_bytes)
+        self.tracing = tracing  # None: tracing off
+
+    def trace(self, method: str, metadata, traceparent: str = "") -> RequestSpan:
+        """The span of one request, to hand to `infer` (a context manager; a no-op one when tracing is off)."""
+        return NOT_TRACED if self.tracing is None else self.tracing.request(method, metadata, traceparent)
 
     # ---------------------------------------------------------------- health and lookups
 
@@ -114,9 +126,11 @@ class DataPlane:
             raise InvalidInput("ModelInfer call without a request message")
         return received
 
-    async def infer(self, received: wire.InferRequest, deadline: float | None, stream: bool = False) -> bytes:
+    async def infer(
+        self, received: wire.InferRequest, deadline: float | None, stream: bool = False, span: RequestSpan = NOT_TRACED
+    ) -> bytes:
         """One inference, unary or streamed: the serialized ModelInferResponse. A streamed request waits for room
-        in a full queue (the stream stops reading meanwhile) instead of being refused."""
+        in a full queue (the stream stops reading meanwhile) instead of being refused. `span`: its trace."""
         start = time.perf_counter()
         request = received.message
         telemetry.request_started()
@@ -130,7 +144,7 @@ class DataPlane:
             held = self._hold(mv, received.nbytes)
             decoded = codec.decode_infer_request(request, mv.settings.max_batch_size, received.raw)
             decoded_at = time.perf_counter()
-            answer = await mv.batcher.infer(decoded.images, deadline, wait=stream)
+            answer = await mv.batcher.infer(decoded.images, deadline, wait=stream, trace=span.span)
             answered_at = time.perf_counter()
             if decoded.labels is None:
                 receipt = self.receipts.issue(mv.name, mv.version, answer.classes)
@@ -144,15 +158,36 @@ class DataPlane:
             mv.telemetry.record_success(
                 end - start, answer.probs.shape[0], answer.queue_s, decoded_at - start, answer.run_s, end - answered_at
             )
+            if span.span is not None:
+                self._traced(span.span, mv, request, answer, (start, decoded_at, end))
             return response
         except BaseException as exc:  # CancelledError included: the client went away
+            code, message = (
+                (grpc.StatusCode.CANCELLED, "the client went away")
+                if isinstance(exc, asyncio.CancelledError)
+                else status_of(exc)
+            )
             if mv is not None:
-                code = "CANCELLED" if isinstance(exc, asyncio.CancelledError) else status_of(exc)[0].name
-                mv.telemetry.record_failure(code, time.perf_counter() - start)
+                mv.telemetry.record_failure(code.name, time.perf_counter() - start)
+            if span.span is not None:
+                self.tracing.failed(span.span, code, message, mv)
             raise
         finally:
             telemetry.request_ended()
             self.admission.release(held)
+
+    def _traced(self, span, mv: ModelVersion, request, answer: Answer, times: tuple[float, float, float]) -> None:
+        """A traced request's attributes and timestamps, and (once per run) the span of the run it joined."""
+        run = answer.run
+        if run.span is None and run.traced:
+            run.span = self.tracing.run_span(run, run.traced, mv.name, mv.version, mv.provider)
+        read, decoded, encoded = times
+        datatype = request.inputs[0].datatype if request.inputs else ""
+        events = {
+            "REQUEST_READ": read, "QUEUE_START": decoded, "COMPUTE_START": run.joined, "COMPUTE_END": run.ended,
+            "RESPONSE_ENCODED": encoded,
+        }  # fmt: skip
+        self.tracing.request_done(span, request, mv.version, answer.probs.shape[0], datatype, events)
 
     def _hold(self, mv: ModelVersion, nbytes: int) -> int:
         """Count the request's bytes against the process budget; the bytes held."""

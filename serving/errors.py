@@ -96,9 +96,9 @@ def grpc_errors(handler: Callable[..., Awaitable[R]]) -> Callable[..., Awaitable
     """Decorate an async RPC handler so domain errors become their status and the rest INTERNAL."""
 
     @functools.wraps(handler)
-    async def wrapper(self, request, context: grpc.aio.ServicerContext) -> R:
+    async def wrapper(self, request, context: grpc.aio.ServicerContext, *args) -> R:
         try:
-            return await handler(self, request, context)
+            return await handler(self, request, context, *args)
         except ServingError as exc:
             await context.abort(exc.code, str(exc), trailing_metadata=exc.trailers)
         except grpc.aio.AbortError:

@@ -83,6 +83,15 @@ CANARY_ACCURACY = Gauge(
     multiprocess_mode="livemin",
 )  # fmt: skip
 CANARY_RUNS = Counter(f"{PREFIX}_canary_runs", "Canary evaluations by result (ok, error).", (*MV, "result"))
+TRACE_SPANS = Counter(
+    f"{PREFIX}_trace_spans", "Spans handed to the trace exporter, by outcome (exported, failed).", ("outcome",)
+)
+TRACE_SPANS_DROPPED = Counter(
+    f"{PREFIX}_trace_spans_dropped",
+    "Spans lost before export: queue_full (the exporter fell behind), export_failed (the receiver refused or was "
+    "unreachable), already_shutdown.",
+    ("reason",),
+)
 PREDICTIONS = Counter(f"{PREFIX}_predictions", "Predicted classes (drift signal, needs no labels).", (*MV, "class"))
 CONFIDENCE = Histogram(f"{PREFIX}_confidence", "Top-class probability of each answer.", MV, buckets=CONFIDENCE_BUCKETS)
 

@@ -12,7 +12,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 
-from serving import telemetry
+from serving import telemetry, tracing
 from serving.canary import Canary
 from serving.config import Settings
 from serving.dataplane import DataPlane, ServerState
@@ -44,6 +44,9 @@ REFUSE_MAX_S = 2.0
 # How long after the shutdown begins the calls held in the last phase are refused: GOAWAY reaches their clients
 # first, so that their next calls do not land in this server's queue.
 GOAWAY_LEAD_S = 0.05
+# After the drain, spans still queued for export get this long (a receiver that is away would block for
+# OTEL_EXPORTER_OTLP_TIMEOUT, 10 s by default, per attempt).
+TRACE_FLUSH_S = 2.0
 
 
 class InferenceServer:
@@ -52,6 +55,9 @@ class InferenceServer:
     def __init__(self, settings: Settings, readiness: Readiness | None = None) -> None:
         self.settings = settings
         self.readiness = readiness  # with --workers: the other workers' loads, which readiness waits for
+        self.tracing = tracing.from_environment()  # None: off (OTEL_TRACES_EXPORTER unset); StartupError if bad
+        if self.tracing is not None:
+            tracing.log_trace_ids()
         self.state = ServerState()
         self.repository = ModelRepository(settings)
         self.control = ModelControl(self.repository, settings, self._model_changed)
@@ -118,7 +124,7 @@ class InferenceServer:
         receipts = ReceiptKey.from_file(s.receipt_key_file, s.receipt_max_age_s)
         ledger = ReceiptLedger(s.feedback_capacity, s.receipt_max_age_s)
         feedback = Feedback(receipts, ledger, self.repository.scorer)
-        plane = DataPlane(self.repository, s, self.state, receipts)
+        plane = DataPlane(self.repository, s, self.state, receipts, self.tracing)
         add_inference_service(InferenceServicer(plane, self.control), server)
         add_generic(feedback_pb2_grpc.add_FeedbackServiceServicer_to_server, FeedbackServicer(feedback), server)
         add_generic(health_pb2_grpc.add_HealthServicer_to_server, self.health, server)
@@ -239,6 +245,17 @@ class InferenceServer:
         for mv in self.repository.versions():
             mv.batcher.close()
         self.control.close()
+        if self.tracing is not None:
+            await self._flush_spans(TRACE_FLUSH_S if not self.hurry.is_set() else 0.5)
+
+    async def _flush_spans(self, timeout_s: float) -> None:
+        """Export the spans still queued (those of the last calls) before the process exits, for at most
+        `timeout_s`: on a thread, as the exporter blocks while the receiver is slow or away."""
+        flushing = asyncio.get_running_loop().run_in_executor(None, self.tracing.flush, timeout_s)
+        try:
+            await asyncio.wait_for(flushing, timeout_s)
+        except TimeoutError:
+            log.warning("traces: the last spans could not be exported within %.1fs; dropped", timeout_s)
 
     def _answered(self) -> int:
         return sum(mv.telemetry.stats.success.count for mv in self.repository.versions())

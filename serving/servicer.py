@@ -15,6 +15,7 @@ from serving.protos import feedback_pb2, feedback_pb2_grpc
 from serving.protos import grpc_service_pb2 as pb
 from serving.protos import grpc_service_pb2_grpc as pb_grpc
 from serving.stream import InferStream
+from serving.tracing import NOT_TRACED
 
 SERVER_NAME = "mnist-serving"
 EXTENSIONS = ("model_configuration", "statistics", "model_repository", "parameters")
@@ -86,14 +87,21 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         await self.control.unload(request.model_name)
         return pb.RepositoryModelUnloadResponse()
 
-    @grpc_errors
     async def ModelInfer(self, requests, context):
         """Registered stream-unary (the same bytes on the wire as unary, see add_inference_service), so that
         the request is read only once admitted: one refused for memory is never copied into the process."""
+        if self.plane.tracing is None:
+            return await self._infer(requests, context)
+        with self.plane.trace("ModelInfer", context.invocation_metadata()) as span:
+            span.context = context
+            return await self._infer(requests, context, span)
+
+    @grpc_errors
+    async def _infer(self, requests, context, span=NOT_TRACED):
         deadline = _deadline(context)
         if self.plane.refusing():  # before reading: a refused call is never read
             await self.plane.refuse_after_goaway(deadline)
-        return await self.plane.infer(await self.plane.read_admitted(context.read), deadline)
+        return await self.plane.infer(await self.plane.read_admitted(context.read), deadline, span=span)
 
     async def ModelStreamInfer(self, request_iterator, context):
         """Triton's bidirectional stream: each request answered (in completion order) with its id echoed."""
@@ -102,7 +110,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 await self.plane.refuse_after_goaway(_deadline(context))
             except ServerDraining as exc:
                 await context.abort(exc.code, str(exc), trailing_metadata=exc.trailers)
-        stream = InferStream(self.plane, request_iterator, _deadline(context))
+        stream = InferStream(self.plane, request_iterator, _deadline(context), context.invocation_metadata())
         async for response in stream.responses():
             yield response
         if stream.cut_by_drain:

@@ -12,6 +12,7 @@ from serving import wire
 from serving.dataplane import DataPlane
 from serving.errors import status_of
 from serving.protos import grpc_service_pb2 as pb
+from serving.tracing import NOT_TRACED, TRACEPARENT_PARAMETER, RequestSpan
 
 log = logging.getLogger(__name__)
 
@@ -21,8 +22,9 @@ class InferStream:
     stops reading, so HTTP/2 flow control slows the client), answers each as it completes, a bad request
     with `error_message`; on drain stops reading and answers what it accepted."""
 
-    def __init__(self, plane: DataPlane, requests, deadline: float | None) -> None:
+    def __init__(self, plane: DataPlane, requests, deadline: float | None, metadata=()) -> None:
         self.plane, self.requests, self.deadline = plane, requests, deadline
+        self.metadata = metadata  # the call's: a message without its own traceparent continues the stream's trace
         self.window = asyncio.Semaphore(plane.settings.stream_max_in_flight)
         self.answers: asyncio.Queue[bytes | pb.ModelStreamInferResponse | None] = asyncio.Queue()
         self.tasks: set[asyncio.Task] = set()
@@ -70,21 +72,38 @@ class InferStream:
         self.answers.put_nowait(None)
 
     async def _answer(self, received: wire.InferRequest) -> None:
+        try:
+            if self.plane.tracing is None:
+                response = await self._infer(received)
+            else:
+                traceparent = _parameter(received.message, TRACEPARENT_PARAMETER)
+                with self.plane.trace("ModelStreamInfer", self.metadata, traceparent) as span:
+                    response = await self._infer(received, span)
+        finally:
+            self.window.release()
+        self.answers.put_nowait(response)
+
+    async def _infer(self, received: wire.InferRequest, span: RequestSpan = NOT_TRACED):
+        """The answer to one message, or its error as a stream answer (the stream goes on)."""
         request = received.message
         try:
-            response = wire.stream_response(await self.plane.infer(received, self.deadline, stream=True))
+            return wire.stream_response(await self.plane.infer(received, self.deadline, stream=True, span=span))
         except asyncio.CancelledError:
             raise
         except Exception as exc:
             code, message = status_of(exc)
             if code == grpc.StatusCode.INTERNAL:
                 log.exception("unexpected failure in ModelStreamInfer")
-            response = pb.ModelStreamInferResponse(
+            return pb.ModelStreamInferResponse(
                 error_message=f"{code.name}: {message}",
                 infer_response=pb.ModelInferResponse(
                     model_name=request.model_name, model_version=request.model_version, id=request.id
                 ),
             )
-        finally:
-            self.window.release()
-        self.answers.put_nowait(response)
+
+
+def _parameter(request: pb.ModelInferRequest, name: str) -> str:
+    """A string request parameter, "" when absent (or of another type)."""
+    if name not in request.parameters:
+        return ""
+    return request.parameters[name].string_param

@@ -308,3 +308,14 @@ def load_failed(model: str) -> None:
 
 def gpu_required(required: bool) -> None:
     metrics.GPU_REQUIRED.set(1 if required else 0)
+
+
+def trace_spans(outcome: str, count: int) -> None:
+    """Spans the exporter sent (`exported`) or lost (`failed`, also counted as dropped)."""
+    metrics.TRACE_SPANS.labels(outcome).inc(count)
+    if outcome == "failed":
+        metrics.TRACE_SPANS_DROPPED.labels("export_failed").inc(count)
+
+
+def trace_spans_dropped(reason: str, count: int = 1) -> None:
+    metrics.TRACE_SPANS_DROPPED.labels(reason).inc(count)

@@ -12,7 +12,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # A developer's shell must not change what the tests see: SERVING_* would reconfigure every server the tests start
 # (and Settings() in-process), PROMETHEUS_MULTIPROC_DIR would switch metrics to multiprocess mode. Removed here, at
 # import, before any test module imports prometheus_client; a test that wants them passes them explicitly.
-for _name in [n for n in os.environ if n.startswith("SERVING_") or n == "PROMETHEUS_MULTIPROC_DIR"]:
+for _name in [n for n in os.environ if n.startswith(("SERVING_", "OTEL_")) or n == "PROMETHEUS_MULTIPROC_DIR"]:
     del os.environ[_name]
 
 REPO_ROOT = Path(__file__).resolve().parents[1]

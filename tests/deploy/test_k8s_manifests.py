@@ -151,13 +151,14 @@ def test_probes_and_ports_match_the_server(rendered, name, effective_settings):
 
 @pytest.mark.parametrize("name", SERVING)
 def test_termination_grace_covers_the_whole_drain(rendered, name, effective_settings):
-    from serving.server import REFUSE_MAX_S
+    from serving.server import REFUSE_MAX_S, TRACE_FLUSH_S
 
     objects = rendered[name]
     settings = effective_settings(objects)
     # The server drains by itself on SIGTERM (no preStop hook, which would only add to the time).
     assert "lifecycle" not in server(objects)
-    drain = settings.drain_delay_s + REFUSE_MAX_S + settings.grace_period_s
+    # ... and then exports the spans still queued (when tracing is on).
+    drain = settings.drain_delay_s + REFUSE_MAX_S + settings.grace_period_s + TRACE_FLUSH_S
     grace = pod_spec(objects)["terminationGracePeriodSeconds"]
     assert grace > drain, (grace, drain)
     assert settings.drain_delay_s >= 5, "kube-proxy and client health checks need seconds to notice"

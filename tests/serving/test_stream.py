@@ -156,8 +156,9 @@ class GatedServicer:
         self.admission = Admission(self.settings.max_inflight_bytes)
         self.gate = asyncio.Event()
         self.active = self.peak = 0
+        self.tracing = None
 
-    async def infer(self, request, deadline, stream=False):
+    async def infer(self, request, deadline, stream=False, span=None):
         assert stream  # a streamed request may wait for room in the queue
         self.active += 1
         self.peak = max(self.peak, self.active)
