@@ -9,7 +9,8 @@ server CPU per request (the process tree's CPU time / answered requests) and p99
 first one, as the median and range of the per-round ratios.
 
 A server is NAME=SPEC:
-  serving[:FLAGS]        `python -m serving` from this checkout (FLAGS: extra flags, shell-quoted)
+  serving[:FLAGS]        `python -m serving` from this checkout (FLAGS: extra flags, shell-quoted; words NAME=VALUE
+                         set the server's environment, e.g. OTEL_TRACES_EXPORTER=otlp with --otlp-receiver)
   tree:PATH[:FLAGS]      the same from another checkout, e.g. `git worktree add /tmp/base HEAD~1`
   nocompute              bench/nocompute_server.py as a user would write it (the stock limit)
   nocompute-tuned        the same with the transport choices this server makes (the tuned limit)
@@ -21,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import re
 import shlex
 import statistics
 import sys
@@ -52,6 +54,13 @@ class Contender:
     cwd: Path
     metrics_port: int
     port: int
+    env: dict[str, str] | None = None
+
+
+def split_env(words: list[str]) -> tuple[dict[str, str], list[str]]:
+    """NAME=VALUE words (environment) apart from the flags."""
+    env = dict(w.split("=", 1) for w in words if re.fullmatch(r"[A-Z][A-Z0-9_]*=.*", w))
+    return env, [w for w in words if not re.fullmatch(r"[A-Z][A-Z0-9_]*=.*", w)]
 
 
 def contender(name: str, spec: str, repository: Path, workdir: Path) -> Contender:
@@ -60,8 +69,9 @@ def contender(name: str, spec: str, repository: Path, workdir: Path) -> Contende
     kind, _, rest = spec.partition(":")
     if kind in ("serving", "tree"):
         root, _, flags = rest.partition(":") if kind == "tree" else (str(REPO_ROOT), "", rest)
-        cmd = serving_cmd(repository, port, mport, "--log-level", "WARNING", *shlex.split(flags))
-        return Contender(name, cmd, Path(root).resolve(), mport, port)
+        env, words = split_env(shlex.split(flags))
+        cmd = serving_cmd(repository, port, mport, "--log-level", "WARNING", *words)
+        return Contender(name, cmd, Path(root).resolve(), mport, port, env)
     if kind in ("nocompute", "nocompute-tuned"):
         tuned = ["--tuned"] if kind == "nocompute-tuned" else []
         return Contender(
@@ -90,6 +100,22 @@ def summarize(rounds: dict[str, list[dict]], first: str) -> dict:
                 row[f"{fig}_ratio"] = {"median": statistics.median(ratios), "min": min(ratios), "max": max(ratios)}
         out[name] = row
     return out
+
+
+def _wait_port(child: ChildServer, timeout: float = 30.0) -> None:
+    """Until the child accepts TCP connections on its port."""
+    import socket
+    import time
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", child.port), timeout=1).close()
+            return
+        except OSError:
+            if time.monotonic() > deadline or not child.alive():
+                raise RuntimeError(f"{child.name} did not start:\n{child.log_tail()}") from None
+            time.sleep(0.1)
 
 
 def _flat(r: dict) -> dict:
@@ -127,6 +153,11 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--model-repository", type=Path, default=REPO_ROOT / "model_repository")
     p.add_argument("--data-dir", type=Path, default=REPO_ROOT / "data")
     p.add_argument("--out", type=Path, default=REPO_ROOT / "bench" / "results" / "ab")
+    p.add_argument(
+        "--otlp-receiver",
+        action="store_true",
+        help="run an OTLP trace receiver (bench.otlp_receiver, counting only) and point every server at it",
+    )
     return p.parse_args(argv)
 
 
@@ -142,25 +173,43 @@ def main(argv: list[str] | None = None) -> int:
              warmup=args.warmup)
         for c in args.concurrency.split(",")
     ]  # fmt: skip
+    if args.otlp_receiver:
+        receiver_port = free_port()
+        receiver = ChildServer(
+            "otlp-receiver", python_cmd("-m", "bench.otlp_receiver", "--port", str(receiver_port), "--count-only"),
+            receiver_port, args.out / "logs" / "otlp-receiver.log",
+        )  # fmt: skip
+        for c in contenders:
+            c.env = {"OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{receiver_port}", **(c.env or {})}
     children = [
-        ChildServer(c.name, c.cmd, c.port, args.out / "logs" / f"{c.name}.log", metrics_port=c.metrics_port, cwd=c.cwd)
+        ChildServer(
+            c.name, c.cmd, c.port, args.out / "logs" / f"{c.name}.log", metrics_port=c.metrics_port, cwd=c.cwd,
+            env=c.env,
+        )
         for c in contenders
-    ]
+    ]  # fmt: skip
+    if args.otlp_receiver:
+        children.insert(0, receiver)
     results: dict[str, dict[str, list[dict]]] = {s.label(): {c.name: [] for c in children} for s in steps}
     try:
+        measured = [c for c in children if c.name != "otlp-receiver"]
         for child in children:  # all started first, kept running: idle ones cost (nearly) nothing
-            child.start().wait_ready()
+            child.start()
+            if child in measured:
+                child.wait_ready()
+            else:
+                _wait_port(child)
         with LoadGenerator("127.0.0.1:1", images, labels, args.client_procs) as gen:
             for rnd in range(args.rounds):
-                for child in children:
+                for child in measured:
                     url = f"http://127.0.0.1:{child.metrics_port}/metrics" if child.metrics_port else None
                     log.info("round %d/%d: %s", rnd + 1, args.rounds, child.name)
                     for r in run_steps(gen, child, steps, url, retries=1):
                         results[r["label"]][child.name].append(_flat(r))
     finally:
-        for child in children:
+        for child in reversed(children):  # the servers before the trace receiver they flush their spans to
             child.stop()
-    first = children[0].name
+    first = measured[0].name
     report = {"servers": dict(named), "rounds": args.rounds, "steps": {}}
     for label, rounds in results.items():
         summary = summarize(rounds, first)

@@ -54,16 +54,23 @@ def span_dict(span, resource: dict) -> dict:
 
 
 class Receiver(trace_service_pb2_grpc.TraceServiceServicer):
-    """Keeps every span it is sent (and appends it to `out`, when given)."""
+    """Keeps every span it is sent (and appends it to `out`, when given); with `keep=False` only counts them."""
 
-    def __init__(self, out: Path | None = None) -> None:
+    def __init__(self, out: Path | None = None, keep: bool = True) -> None:
         self.spans: list[dict] = []
+        self.keep = keep
+        self.count = 0
         self.exports = 0
         self.lock = threading.Lock()
         self.arrived = threading.Condition(self.lock)
         self.out = out.open("a") if out else None
 
     def Export(self, request, context):
+        if not self.keep:
+            with self.lock:
+                self.count += sum(len(ss.spans) for rs in request.resource_spans for ss in rs.scope_spans)
+                self.exports += 1
+            return trace_service_pb2.ExportTraceServiceResponse()
         got = [
             span_dict(span, _attributes(rs.resource.attributes))
             for rs in request.resource_spans
@@ -72,6 +79,7 @@ class Receiver(trace_service_pb2_grpc.TraceServiceServicer):
         ]
         with self.lock:
             self.spans.extend(got)
+            self.count += len(got)
             self.exports += 1
             if self.out:
                 self.out.write("".join(json.dumps(s) + "\n" for s in got))
@@ -86,9 +94,11 @@ class Receiver(trace_service_pb2_grpc.TraceServiceServicer):
             return list(self.spans)
 
 
-def start(port: int = 0, out: Path | None = None, host: str = "127.0.0.1") -> tuple[grpc.Server, Receiver, int]:
+def start(
+    port: int = 0, out: Path | None = None, host: str = "127.0.0.1", keep: bool = True
+) -> tuple[grpc.Server, Receiver, int]:
     """A receiver on `host:port` (0: a free port): (server, receiver, port)."""
-    receiver = Receiver(out)
+    receiver = Receiver(out, keep)
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
     trace_service_pb2_grpc.add_TraceServiceServicer_to_server(receiver, server)
     port = server.add_insecure_port(f"{host}:{port}")
@@ -100,14 +110,16 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.otlp_receiver", description=__doc__)
     p.add_argument("--port", type=int, default=4317)
     p.add_argument("--out", type=Path, default=None, help="append each span as a JSON line here")
+    p.add_argument("--count-only", action="store_true", help="keep nothing, count the spans (for load tests)")
     a = p.parse_args(argv)
-    server, _, port = start(a.port, a.out)
+    server, receiver, port = start(a.port, a.out, keep=not a.count_only)
     print(f"OTLP trace receiver on 127.0.0.1:{port}", flush=True)
     done = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: done.set())
     done.wait()
     server.stop(1)
+    print(f"received {receiver.count} spans in {receiver.exports} exports", flush=True)
     return 0
 
 

@@ -245,17 +245,10 @@ class InferenceServer:
         for mv in self.repository.versions():
             mv.batcher.close()
         self.control.close()
-        if self.tracing is not None:
-            await self._flush_spans(TRACE_FLUSH_S if not self.hurry.is_set() else 0.5)
-
-    async def _flush_spans(self, timeout_s: float) -> None:
-        """Export the spans still queued (those of the last calls) before the process exits, for at most
-        `timeout_s`: on a thread, as the exporter blocks while the receiver is slow or away."""
-        flushing = asyncio.get_running_loop().run_in_executor(None, self.tracing.flush, timeout_s)
-        try:
-            await asyncio.wait_for(flushing, timeout_s)
-        except TimeoutError:
-            log.warning("traces: the last spans could not be exported within %.1fs; dropped", timeout_s)
+        if self.tracing is not None:  # the spans of the last calls, exported before the process exits
+            timeout = TRACE_FLUSH_S if not self.hurry.is_set() else 0.5
+            if not await self.tracing.close(timeout):
+                log.warning("traces: the last spans could not be exported within %.1fs; dropped", timeout)
 
     def _answered(self) -> int:
         return sum(mv.telemetry.stats.success.count for mv in self.repository.versions())

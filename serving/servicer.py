@@ -87,21 +87,21 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         await self.control.unload(request.model_name)
         return pb.RepositoryModelUnloadResponse()
 
-    async def ModelInfer(self, requests, context):
+    @grpc_errors
+    async def ModelInfer(self, requests, context, span=NOT_TRACED):
         """Registered stream-unary (the same bytes on the wire as unary, see add_inference_service), so that
         the request is read only once admitted: one refused for memory is never copied into the process."""
-        if self.plane.tracing is None:
-            return await self._infer(requests, context)
-        with self.plane.trace("ModelInfer", context.invocation_metadata()) as span:
-            span.context = context
-            return await self._infer(requests, context, span)
-
-    @grpc_errors
-    async def _infer(self, requests, context, span=NOT_TRACED):
         deadline = _deadline(context)
         if self.plane.refusing():  # before reading: a refused call is never read
             await self.plane.refuse_after_goaway(deadline)
         return await self.plane.infer(await self.plane.read_admitted(context.read), deadline, span=span)
+
+    async def traced_model_infer(self, requests, context):
+        """ModelInfer in its request span, registered in ModelInfer's place when tracing is on (off, a call takes
+        no extra step). The span is current around the error mapping, so its log lines carry the trace id."""
+        with self.plane.trace("ModelInfer", context.invocation_metadata()) as span:
+            span.context = context
+            return await self.ModelInfer(requests, context, span)
 
     async def ModelStreamInfer(self, request_iterator, context):
         """Triton's bidirectional stream: each request answered (in completion order) with its id echoed."""
@@ -130,7 +130,7 @@ def add_inference_service(servicer: InferenceServicer, server: grpc.aio.Server) 
         # Clients call ModelInfer as unary; served as stream-unary (identical on the wire) the handler decides
         # whether to read the request at all (ModelInfer above).
         handlers["ModelInfer"] = grpc.stream_unary_rpc_method_handler(
-            servicer.ModelInfer,
+            servicer.ModelInfer if servicer.plane.tracing is None else servicer.traced_model_infer,
             request_deserializer=wire.parse_infer_request,
             response_serializer=wire.serialize,
         )

@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -207,9 +208,28 @@ class Tracing:
 
     # ---------------------------------------------------------------- process
 
-    def flush(self, timeout_s: float) -> bool:
-        """Export what is queued (the drain's last step, on a thread: never the event loop's)."""
-        return self.provider.force_flush(int(timeout_s * 1000))
+    async def close(self, timeout_s: float) -> bool:
+        """Export what is queued and stop the exporter (the drain's last step), for at most `timeout_s`: False if
+        that did not finish in time (what is left is dropped).
+
+        NOTE: on a daemon thread, not the loop's executor: an exporter whose receiver is away blocks (retrying up
+        to OTEL_EXPORTER_OTLP_TIMEOUT), and the interpreter waits for executor threads at exit (as it would for the
+        SDK's own at-exit shutdown, which build_provider turns off)."""
+        loop = asyncio.get_running_loop()
+        done = loop.create_future()
+
+        def close() -> None:
+            try:
+                self.provider.force_flush(int(timeout_s * 1000))
+                self.provider.shutdown()
+            finally:
+                loop.call_soon_threadsafe(lambda: done.done() or done.set_result(True))
+
+        threading.Thread(target=close, name="trace-flush", daemon=True).start()
+        try:
+            return await asyncio.wait_for(done, timeout_s)
+        except TimeoutError:
+            return False
 
     def shutdown(self) -> None:
         self.provider.shutdown()

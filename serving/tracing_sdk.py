@@ -27,7 +27,8 @@ def build_provider(config, service_name: str, version: str) -> tuple[TracerProvi
     resource = Resource.create({SERVICE_VERSION: version})
     if str(resource.attributes.get(SERVICE_NAME, "")).startswith("unknown_service"):
         resource = resource.merge(Resource({SERVICE_NAME: service_name}))
-    provider = TracerProvider(resource=resource, sampler=_sampler(config))
+    # Not shut down at exit by the SDK (which may wait 30 s for a receiver that is away): serving.tracing closes it.
+    provider = TracerProvider(resource=resource, sampler=_sampler(config), shutdown_on_exit=False)
     processor = CountingBatchSpanProcessor(CountingExporter(_exporter(config)))
     provider.add_span_processor(processor)
     return provider, processor
