@@ -159,7 +159,7 @@ class DataPlane:
                 end - start, answer.probs.shape[0], answer.queue_s, decoded_at - start, answer.run_s, end - answered_at
             )
             if span.span is not None:
-                self._traced(span.span, mv, request, answer, (start, decoded_at, end))
+                self._traced(span.span, mv, request, answer, (start, decoded_at, answered_at, end))
             return response
         except BaseException as exc:  # CancelledError included: the client went away
             code, message = (
@@ -176,16 +176,16 @@ class DataPlane:
             telemetry.request_ended()
             self.admission.release(held)
 
-    def _traced(self, span, mv: ModelVersion, request, answer: Answer, times: tuple[float, float, float]) -> None:
+    def _traced(self, span, mv: ModelVersion, request, answer: Answer, times: tuple[float, ...]) -> None:
         """A traced request's attributes and timestamps, and (once per run) the span of the run it joined."""
         run = answer.run
         if run.span is None and run.traced:
             run.span = self.tracing.run_span(run, run.traced, mv.name, mv.version, mv.provider)
-        read, decoded, encoded = times
+        read, decoded, resumed, encoded = times
         datatype = request.inputs[0].datatype if request.inputs else ""
         events = {
             "REQUEST_READ": read, "QUEUE_START": decoded, "COMPUTE_START": run.joined, "COMPUTE_END": run.ended,
-            "RESPONSE_ENCODED": encoded,
+            "RESUMED": resumed, "RESPONSE_ENCODED": encoded,
         }  # fmt: skip
         self.tracing.request_done(span, request, mv.version, answer.probs.shape[0], datatype, events)
 

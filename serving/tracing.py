@@ -8,7 +8,8 @@ the request path pays one `is None` test per request.
 Spans: `inference.GRPCInferenceService/ModelInfer` (and `/ModelStreamInfer`, one per message: a stream's messages
 belong to different traces), kind SERVER, a child of the caller's `traceparent` (gRPC metadata, or a message's
 `traceparent` request parameter), with the gRPC semantic conventions' attributes, the model's, and Triton's
-timestamps as events (REQUEST_READ, QUEUE_START, COMPUTE_START, COMPUTE_END, RESPONSE_ENCODED); and `onnxruntime run`,
+timestamps as events (REQUEST_READ, QUEUE_START, COMPUTE_START, COMPUTE_END, RESUMED: the handler back on the event
+loop with its answer, RESPONSE_ENCODED); and `onnxruntime run`,
 a child of the first traced request of its run, linked to every traced request it served (and they to it).
 Exported by the SDK's batch span processor on its own thread; spans it could not queue or export are counted in
 `mnist_serving_trace_spans_dropped_total`.

@@ -433,3 +433,30 @@ def test_receipt_key_check_rejects_a_pod_without_the_shared_key(rendered):
     for change in (no_env, other_dir, writable, optional, no_secret):
         with pytest.raises(CheckError):
             k8s_check.check_receipt_key(broken(change))
+
+
+def test_the_commented_tracing_settings_are_a_valid_configuration():
+    """serving.env and both KServe runtimes carry tracing commented out: uncommented, the server accepts them."""
+    import yaml
+
+    from serving.tracing import TracingConfig
+
+    base = Path(__file__).resolve().parents[2] / "deploy"
+    lines = (base / "k8s" / "base" / "serving.env").read_text().splitlines()
+    env = dict(line.removeprefix("# ").split("=", 1) for line in lines if line.startswith("# OTEL_"))
+    configs = [TracingConfig.read(env)]
+    for name in ("servingruntime.yaml", "clusterservingruntime.yaml"):
+        text = (base / "kserve" / name).read_text()
+        text = "\n".join(
+            line.replace("# - name: OTEL", "- name: OTEL").replace("#   value:", "  value:")
+            for line in text.splitlines()
+        )
+        container = yaml.safe_load(text)["spec"]["containers"][0]
+        configs.append(TracingConfig.read({e["name"]: e["value"] for e in container["env"]}))
+    for config in configs:
+        assert (config.exporter, config.protocol, config.sampler, config.ratio) == (
+            "otlp",
+            "grpc",
+            "parentbased_traceidratio",
+            0.01,
+        )

@@ -23,7 +23,7 @@ from serving.tracing import TracingConfig
 REQUEST = "inference.GRPCInferenceService/ModelInfer"
 STREAM = "inference.GRPCInferenceService/ModelStreamInfer"
 RUN = "onnxruntime run"
-EVENTS = ["REQUEST_READ", "QUEUE_START", "COMPUTE_START", "COMPUTE_END", "RESPONSE_ENCODED"]
+EVENTS = ["REQUEST_READ", "QUEUE_START", "COMPUTE_START", "COMPUTE_END", "RESUMED", "RESPONSE_ENCODED"]
 
 
 def traceparent(sampled: bool = True) -> tuple[str, str, str]:
@@ -88,7 +88,8 @@ def test_a_traced_call_continues_the_callers_trace_with_a_linked_run_span(traced
     times = {e["name"]: e["time_ns"] for e in request["events"]}
     assert [e["name"] for e in request["events"]] == EVENTS
     assert request["start_ns"] <= times["REQUEST_READ"] <= times["QUEUE_START"] <= times["COMPUTE_START"]
-    assert times["COMPUTE_START"] <= times["COMPUTE_END"] <= times["RESPONSE_ENCODED"] <= request["end_ns"]
+    assert times["COMPUTE_START"] <= times["COMPUTE_END"] <= times["RESUMED"] <= times["RESPONSE_ENCODED"]
+    assert times["RESPONSE_ENCODED"] <= request["end_ns"]
     # The run: a child of the request, linked to it (and it to the run), within its compute timestamps.
     assert run["parent_span_id"] == request["span_id"] and run["kind"] == "INTERNAL"
     assert {(lk["trace_id"], lk["span_id"]) for lk in run["links"]} == {(trace_id, request["span_id"])}
