@@ -30,7 +30,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bench import peers
-from bench.__main__ import run_steps
 from bench.common import (
     REPO_ROOT,
     ChildServer,
@@ -42,6 +41,7 @@ from bench.common import (
     serving_cmd,
 )
 from bench.loadgen import LoadGenerator, Step
+from bench.rounds import run_steps
 
 log = logging.getLogger("bench.ab")
 FIGURES = ("req_per_s", "server_cpu_us_per_req", "p99_ms", "img_per_s")

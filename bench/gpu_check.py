@@ -18,12 +18,13 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 import numpy as np
 
+from bench import metrics_text
 from bench.common import REPO_ROOT, child_env, find_model, free_port, install_sigterm_exit, serving_cmd, start_serving
+from bench.metrics_text import Snapshot
 from serving.cuda_host import driver_problem, explain
 from serving.runtime import FP32_TOLERANCE, TF32_TOLERANCE, describe_placement
 from training.data import to_model_input
@@ -192,11 +193,9 @@ def server_flags(device: str, require: bool, workers: int, graphs: bool) -> list
     ]  # fmt: skip
 
 
-def scrape(mport: int) -> str:
-    try:
-        return urllib.request.urlopen(f"http://127.0.0.1:{mport}/metrics", timeout=5).read().decode()
-    except OSError as exc:
-        return f"# cannot scrape /metrics: {exc}"
+def scrape(mport: int) -> Snapshot:
+    """The server's /metrics (empty when it cannot be read: every check on it then fails, saying so)."""
+    return metrics_text.scrape(f"http://127.0.0.1:{mport}/metrics", timeout=5) or Snapshot("")
 
 
 def grpc_answers(target: str, x: np.ndarray, y: np.ndarray, dtype: str) -> np.ndarray:
@@ -336,33 +335,23 @@ def _prove_provider(checks: Checks, target: str, mport: int, expect: str, config
         placed == {expect},
         describe_placement(placement),
     )
-    text = scrape(mport)
-    active = [
-        line
-        for line in text.splitlines()
-        if line.startswith(("mnist_serving_execution_provider_info{", "mnist_serving_execution_nodes{"))
-        and not line.rstrip().endswith(" 0.0")
-    ]
+    snap = scrape(mport)
+    nodes = [lab for lab, v in snap.series("mnist_serving_execution_nodes") if v]
+    active = [lab for lab, v in snap.series("mnist_serving_execution_provider_info") if v] + nodes
     checks.add(
         f"server ({config}) metrics execution_provider_info and execution_nodes",
-        any(line.startswith("mnist_serving_execution_nodes{") for line in active)
-        and all(f'provider="{expect}"' in line for line in active),
-        "; ".join(active) or "no provider series",
+        bool(nodes) and all(lab["provider"] == expect for lab in active),
+        "; ".join(str(lab) for lab in active) or "no provider series",
     )
 
 
-def _no_cpu_series(checks: Checks, name: str, text: str) -> None:
-    on_cpu = [
-        line
-        for line in text.splitlines()
-        if line.startswith("mnist_serving_execution_provider_info{") and f'provider="{CPU}"' in line
-        and not line.rstrip().endswith(" 0.0")
-    ]  # fmt: skip
-    required = any(
-        line.startswith("mnist_serving_gpu_required ") and line.endswith(" 1.0") for line in text.splitlines()
-    )
+def _no_cpu_series(checks: Checks, name: str, snap: Snapshot) -> None:
+    on_cpu = [lab for lab, v in snap.series("mnist_serving_execution_provider_info", provider=CPU) if v]
+    required = snap.first("mnist_serving_gpu_required") == 1.0
     checks.add(
-        f"{name}: nothing served on CPU", not on_cpu and required, "; ".join(on_cpu) or "gpu_required=1, no CPU series"
+        f"{name}: nothing served on CPU",
+        not on_cpu and required,
+        "; ".join(str(lab) for lab in on_cpu) or "gpu_required=1, no CPU series",
     )
 
 

@@ -30,6 +30,14 @@ def _machine_busy() -> float:
     return t.user + t.system + t.nice + getattr(t, "irq", 0.0) + getattr(t, "softirq", 0.0)
 
 
+def _warm_up(run, seconds: float) -> None:
+    end = time.perf_counter() + seconds
+    i = 0
+    while time.perf_counter() < end:
+        run(i)
+        i += 1
+
+
 def measure(
     model, images: np.ndarray, labels: np.ndarray, batch: int, dtype: str, duration: float = 2.0,
     warmup: float = 0.3, max_runs: int = 0,
@@ -47,11 +55,7 @@ def measure(
     def run(i: int) -> np.ndarray:
         return model.run(inputs[i % n_batches])
 
-    end = time.perf_counter() + warmup
-    i = 0
-    while time.perf_counter() < end:
-        run(i)
-        i += 1
+    _warm_up(run, warmup)
     lats, correct, answered = [], 0, 0
     machine0 = _machine_busy()
     cpu0, t0 = time.process_time(), time.perf_counter()

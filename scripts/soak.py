@@ -14,7 +14,6 @@ import json
 import random
 import sys
 import time
-import urllib.request
 from collections import Counter
 from pathlib import Path
 
@@ -25,6 +24,7 @@ import psutil
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench import metrics_text  # noqa: E402
 from bench.common import ChildServer, find_model, start_serving  # noqa: E402
 from serving.client import feedback_request, infer_request, probabilities, receipt_of  # noqa: E402
 from serving.protos import feedback_pb2_grpc  # noqa: E402
@@ -193,16 +193,16 @@ def soak(args: argparse.Namespace) -> dict:
 
     try:
         asyncio.run(main())
-        with urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=10) as r:
-            internal = [ln for ln in r.read().decode().splitlines() if 'code="INTERNAL"' in ln]
+        snap = metrics_text.scrape(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=10)
+        internal = snap.series("mnist_serving_requests_total", code="INTERNAL") if snap else [({}, float("nan"))]
     finally:
         server.stop(grace=60)  # SIGTERM: the drain; a server still there after 60 s is killed (a failed drain)
     exit_code = server.proc.returncode
     if exit_code != 0:
         load._error("drain", f"server exit code {exit_code}")
-    for line in internal:
-        if float(line.rsplit(" ", 1)[1]) > 0:
-            load._error("internal", line)
+    for labels, value in internal:
+        if not value == 0:  # NaN: /metrics could not be read
+            load._error("internal", f"mnist_serving_requests_total{labels} {value}")
 
     window = min(60.0, args.duration_s / 3)  # "first minute vs last minute", shorter for short soaks
     end = started + args.duration_s

@@ -32,7 +32,10 @@ def test_quick_run_writes_results_and_stops_its_servers(trained_repository, tmp_
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     report = json.loads((tmp_path / "latest.json").read_text())
     assert (tmp_path / "latest.png").stat().st_size > 0
-    assert set(report["servers"]) == {"nocompute", "real-w1"}
+    assert set(report["servers"]) == {"nocompute", "nocompute-tuned", "real-w1"}
+    assert report["config"]["rounds"] == 3
+    for server in report["servers"].values():  # every figure is the median of the three interleaved rounds
+        assert all(len(step["rounds"]) == 3 for step in server["steps"])
     for server in report["servers"].values():
         for step in server["steps"]:
             assert step["errors"] == {} and step["ok"] > 0
@@ -48,7 +51,7 @@ def test_quick_run_writes_results_and_stops_its_servers(trained_repository, tmp_
         assert all(s["server_cpu_us_per_req"] > 0 for s in server["steps"])
     assert all(s["server_mean_batch_images"] >= 1 for s in real)
     goals = {g["goal"]: g["met"] for g in report["goals"]}
-    assert len(goals) == 8
+    assert len(goals) == 9
     # Without peers (--peers '') the goals against Triton have nothing to compare; every other goal is decided.
     undecided = [g for g in goals if "Triton" in g or (perf_analyzer.missing() and "perf_analyzer" in g)]
     assert [g for g, met in goals.items() if met is None] == undecided

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import grpc
 import numpy as np
-from prometheus_text import Snapshot
 from server_process import ServerProcess
 
+from bench.metrics_text import Snapshot
 from serving.client import infer_request, probabilities
 from serving.protos import grpc_service_pb2_grpc as pb_grpc
 

@@ -7,8 +7,8 @@ import time
 from pathlib import Path
 
 import grpc
-from prometheus_text import Snapshot
 
+from bench.metrics_text import Snapshot
 from serving.protos import feedback_pb2_grpc
 from serving.protos import grpc_service_pb2_grpc as pb_grpc
 

@@ -1,8 +1,10 @@
-"""The tests' one reader of /metrics: Prometheus text parsed by prometheus_client's own parser."""
+"""The one reader of /metrics for tests, benchmarks and scripts: Prometheus text parsed by prometheus_client's own
+parser."""
 
 from __future__ import annotations
 
 import math
+import urllib.request
 
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -40,3 +42,12 @@ class Snapshot:
         if not total:
             raise ValueError(f"histogram {name} has no observations")
         return next(bound for bound in sorted(buckets) if buckets[bound] >= q * total)
+
+
+def scrape(url: str, timeout: float = 2.0) -> Snapshot | None:
+    """One scrape of a /metrics URL; None when it cannot be read."""
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as reply:
+            return Snapshot(reply.read().decode())
+    except OSError:
+        return None
