@@ -114,6 +114,7 @@ class Batcher:
         self,
         run: Callable[[np.ndarray], np.ndarray],
         observer: BatchObserver,
+        *,
         max_batch_size: int,
         max_queue_delay_us: int = 0,
         max_queue_images: int = 8192,
@@ -201,9 +202,13 @@ class Batcher:
         return await future
 
     async def drain(self) -> None:
-        """Wait until everything queued has been answered."""
+        """Wait until everything queued has been answered (woken after each run, which sets `_room`)."""
         while self._submitted != self._finished:
-            await asyncio.sleep(0.005)
+            self._room.clear()
+            await self._room.wait()
+        # The last runs' answers were set before this check; one more turn of the loop lets the callers whose
+        # futures they resolved (woken in FIFO order, before this task) take them.
+        await asyncio.sleep(0)
 
     def close(self) -> None:
         """Refuse new requests; the execution threads answer what is queued, then end (daemons: not waited for)."""
@@ -315,7 +320,12 @@ class Batcher:
     def _finish(self, batch: list[_Pending], live: list[_Pending], result, run: Run) -> None:
         """Answer every request of a run (its slice, its failure, or a deadline for the expired)."""
         self._finished += sum(p.images.shape[0] for p in batch)
-        self._room.set()
+        try:
+            self._settle(batch, live, result, run)
+        finally:
+            self._room.set()  # after the answers: drain() returns once every caller has its answer
+
+    def _settle(self, batch: list[_Pending], live: list[_Pending], result, run: Run) -> None:
         if len(live) != len(batch):
             kept = {id(p) for p in live}
             now = time.monotonic()

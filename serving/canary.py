@@ -9,7 +9,8 @@ import numpy as np
 
 from serving.config import Settings
 from serving.golden import GoldenSet, accuracy, load_golden_set, short_of_recorded
-from serving.repository import ModelRepository, ModelVersion
+from serving.model_version import ModelVersion
+from serving.repository import ModelRepository
 
 log = logging.getLogger(__name__)
 

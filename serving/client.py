@@ -16,7 +16,7 @@ import grpc
 import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from serving.contract import IMAGE_PIXELS, PIXEL_SCALE, TestSetError, read_test_set
+from serving.contract import IMAGE_PIXELS, INPUT_NAME, OUTPUT_NAME, PIXEL_SCALE, TestSetError, read_test_set
 from serving.errors import StartupError
 from serving.protos import feedback_pb2
 from serving.protos import grpc_service_pb2 as pb
@@ -60,15 +60,15 @@ def infer_request(
         model_name=model,
         model_version=version,
         id=request_id,
-        inputs=[pb.ModelInferRequest.InferInputTensor(name="input", datatype=datatype, shape=flat.shape)],
-        outputs=[pb.ModelInferRequest.InferRequestedOutputTensor(name="probabilities")],
+        inputs=[pb.ModelInferRequest.InferInputTensor(name=INPUT_NAME, datatype=datatype, shape=flat.shape)],
+        outputs=[pb.ModelInferRequest.InferRequestedOutputTensor(name=OUTPUT_NAME)],
         raw_input_contents=[raw.tobytes()],
     )
 
 
 def probabilities(response: pb.ModelInferResponse) -> np.ndarray:
     for tensor, raw in zip(response.outputs, response.raw_output_contents, strict=True):
-        if tensor.name == "probabilities":
+        if tensor.name == OUTPUT_NAME:
             return np.frombuffer(raw, dtype="<f4").reshape(tuple(tensor.shape))
     raise ValueError("response has no 'probabilities' output")
 

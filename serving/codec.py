@@ -10,14 +10,14 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from serving import contract, wire
-from serving.config import IMAGE_PIXELS, NUM_CLASSES
+from serving.contract import IMAGE_PIXELS, NUM_CLASSES
 from serving.errors import InvalidInput
 from serving.protos import feedback_pb2
 from serving.protos import grpc_service_pb2 as pb
 from serving.protos import model_config_pb2 as mc
 
 if TYPE_CHECKING:
-    from serving.repository import ModelVersion
+    from serving.model_version import ModelVersion
 
 INPUT_NAME = contract.INPUT_NAME
 PROBABILITIES = contract.OUTPUT_NAME

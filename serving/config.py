@@ -10,7 +10,7 @@ from typing import Literal
 from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from serving.contract import IMAGE_PIXELS, NUM_CLASSES  # noqa: F401  (re-exported: the server's modules use them)
+from serving.contract import IMAGE_PIXELS
 
 # Room for the request envelope (names, shapes, parameters) beside the tensor bytes.
 _MESSAGE_OVERHEAD_BYTES = 1 << 20

@@ -1,7 +1,9 @@
 """The data plane: what happens to an inference request between the wire and the model, for unary calls and
 streams alike — drain, admission, lookup, decoding, batching, scoring attached labels, the receipt, encoding and
-recording. The servicer only converts protocol messages and calls it; serving.errors maps what it raises to
-status codes.
+recording — and the model lookups around it (readiness, metadata, configuration, statistics, the repository index).
+The servicer and the stream only convert protocol messages and call its named operations; serving.errors maps what
+it raises to status codes. Independent of the transport: messages in, answers out, no gRPC types (a second
+transport would call the same operations).
 """
 
 from __future__ import annotations
@@ -10,42 +12,21 @@ import asyncio
 import time
 from collections.abc import Awaitable, Callable
 
-import grpc
-
 from serving import codec, telemetry, wire
 from serving.admission import Admission
 from serving.batcher import Answer
 from serving.config import Settings
-from serving.errors import InvalidInput, Overloaded, ServerDraining, status_of
+from serving.errors import InvalidInput, Overloaded, ServerDraining, ServingError, status_of
+from serving.model_version import ModelVersion
+from serving.protos import grpc_service_pb2 as pb
 from serving.receipts import ReceiptKey
-from serving.repository import ModelRepository, ModelVersion
+from serving.repository import ModelRepository
+from serving.state import ServerState
 from serving.tracing import NOT_TRACED, RequestSpan, Tracing
 
 DRAINING = "server is shutting down; retry on another replica"
 # A held call is refused this long before its deadline, so that the client gets the refusal, not DEADLINE_EXCEEDED.
 _DEADLINE_MARGIN_S = 0.05
-
-
-class ServerState:
-    """What the request path needs to know about the process: readiness and drain."""
-
-    def __init__(self) -> None:
-        self.started = False  # loaded, and with --workers every worker too: ready unless draining
-        self.draining = False  # SIGTERM received: not ready (health NOT_SERVING), still answering
-        # The drain's last moments: new calls get UNAVAILABLE with a retry pushback, streams stop reading.
-        self.refusing_started = asyncio.Event()
-        # Set once the gRPC server has begun to shut down (GOAWAY is on its way): calls held while refusing get
-        # their UNAVAILABLE then, when the client's next call can no longer reach this process's gRPC queue.
-        self.goaway = asyncio.Event()
-        self.last_call = 0.0  # time.monotonic() of the latest ModelInfer, refused ones included
-
-    @property
-    def refusing(self) -> bool:
-        return self.refusing_started.is_set()
-
-    @refusing.setter
-    def refusing(self, value: bool) -> None:
-        (self.refusing_started.set if value else self.refusing_started.clear)()
 
 
 class DataPlane:
@@ -78,7 +59,7 @@ class DataPlane:
     def model_ready(self, name: str, version: str) -> bool:
         try:
             self.repository.get(name, version)
-        except Exception:
+        except ServingError:  # not found, or not ready (being unloaded)
             return False
         return self.state.started and not self.state.draining
 
@@ -89,16 +70,33 @@ class DataPlane:
     def providers(self) -> list[str]:
         return sorted({mv.provider for mv in self.repository.versions()})
 
-    # ---------------------------------------------------------------- inference
+    def metadata(self, name: str, version: str) -> pb.ModelMetadataResponse:
+        mv = self.version(name, version)
+        return codec.model_metadata(mv, sorted(self.repository.models[mv.name], reverse=True))
 
-    def refuse_if_draining(self) -> None:
-        if self.refusing():
-            raise ServerDraining(DRAINING)
+    def config(self, name: str, version: str) -> pb.ModelConfig:
+        return codec.model_config(self.version(name, version))
+
+    def statistics(self, name: str, version: str) -> list[pb.ModelStatistics]:
+        """Triton's statistics of one version (the newest when `version` is empty), or of every version."""
+        versions = [self.version(name, version)] if name else self.repository.versions()
+        return [mv.telemetry.stats.proto(mv.name, mv.version) for mv in versions]
+
+    async def index(self, ready_only: bool) -> list:
+        """The repository index: every model version with its state and reason (READY ones only if asked)."""
+        return [e for e in await self.repository.index() if e.state == "READY" or not ready_only]
+
+    # ---------------------------------------------------------------- new calls, reading
 
     def refusing(self) -> bool:
         """The drain's last phase: a new call is to be held, then refused (`refuse_after_goaway`)."""
         self.state.last_call = time.monotonic()  # refused calls too: the drain waits for quiet
         return self.state.refusing
+
+    async def refuse_new_call(self, deadline: float | None) -> None:
+        """Let a new call (unary or stream) in, or, in the drain's last phase, hold it and refuse it."""
+        if self.refusing():
+            await self.refuse_after_goaway(deadline)
 
     async def refuse_after_goaway(self, deadline: float | None) -> None:
         """Hold a call that arrived in the drain's last phase until GOAWAY is on its way (or just before its
@@ -114,17 +112,35 @@ class DataPlane:
             pass
         raise ServerDraining(DRAINING)
 
-    async def read_admitted(self, read: Callable[[], Awaitable]) -> wire.InferRequest:
-        """A unary call's request, read only once the process has room for it (else RESOURCE_EXHAUSTED unread)."""
+    async def read_admitted(self, read: Callable[[], Awaitable], end: object) -> wire.InferRequest:
+        """A unary call's request, read only once the process has room for it (else RESOURCE_EXHAUSTED unread);
+        `end`: what `read` returns when the call has no message."""
         try:
             self.admission.before_read()
         except Overloaded:
             telemetry.refused_unread()
             raise
-        received = await self.admission.read(read, end=grpc.aio.EOF)
+        received = await self.admission.read(read, end=end)
         if received is None:
             raise InvalidInput("ModelInfer call without a request message")
         return received
+
+    @property
+    def stream_window(self) -> int:
+        """Requests a stream may have unanswered before it stops reading."""
+        return self.settings.stream_max_in_flight
+
+    async def read_streamed(self, read: Callable[[], Awaitable]) -> wire.InferRequest | None:
+        """A stream's next request, read once the process has room for a typical one (a stream is never refused
+        for memory: it stops reading, and HTTP/2 flow control slows the client); None when the client is done."""
+        await self.admission.wait_for_room()
+        return await self.admission.read(read)
+
+    async def refusing_begun(self) -> None:
+        """Returns when the drain's last phase begins (streams stop reading then)."""
+        await self.state.refusing_started.wait()
+
+    # ---------------------------------------------------------------- inference
 
     async def infer(
         self, received: wire.InferRequest, deadline: float | None, stream: bool = False, span: RequestSpan = NOT_TRACED
@@ -137,7 +153,6 @@ class DataPlane:
         mv: ModelVersion | None = None
         held = 0
         try:
-            self.refuse_if_draining()
             if received.error:
                 raise InvalidInput(received.error)
             mv = self.repository.get(request.model_name, request.model_version)
@@ -156,17 +171,14 @@ class DataPlane:
             )
             end = time.perf_counter()
             mv.telemetry.record_success(
-                end - start, answer.probs.shape[0], answer.queue_s, decoded_at - start, answer.run_s, end - answered_at
-            )
+                end - start, answer.probs.shape[0], queue_s=answer.queue_s, input_s=decoded_at - start,
+                infer_s=answer.run_s, output_s=end - answered_at,
+            )  # fmt: skip
             if span.span is not None:
                 self._traced(span.span, mv, request, answer, (start, decoded_at, answered_at, end))
             return response
         except BaseException as exc:  # CancelledError included: the client went away
-            code, message = (
-                (grpc.StatusCode.CANCELLED, "the client went away")
-                if isinstance(exc, asyncio.CancelledError)
-                else status_of(exc)
-            )
+            code, message = status_of(exc)
             if mv is not None:
                 mv.telemetry.record_failure(code.name, time.perf_counter() - start)
             if span.span is not None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
 from collections.abc import Awaitable, Callable
@@ -79,13 +80,20 @@ class StartupError(Exception):
     """The server cannot start (bad repository, port in use, GPU required but absent): exit non-zero."""
 
 
+class ModelLoadError(StartupError):
+    """A model version that cannot be loaded (unreadable, not runnable on the provider, failed its accuracy check):
+    a start-up fault when it happens at start, a refused load (ModelLoadFailed to the caller) later."""
+
+
 INTERNAL_MESSAGE = "internal error while serving the request; the server logged the details"
 
 
 def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
-    """The status code and message a client gets for an exception."""
+    """The status code and message a client gets for an exception (CANCELLED: the client went away)."""
     if isinstance(exc, ServingError):
         return exc.code, str(exc)
+    if isinstance(exc, asyncio.CancelledError):
+        return grpc.StatusCode.CANCELLED, "the client went away"
     return grpc.StatusCode.INTERNAL, INTERNAL_MESSAGE
 
 

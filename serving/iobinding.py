@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnxruntime as ort
 
-from serving.config import IMAGE_PIXELS, NUM_CLASSES
+from serving.contract import IMAGE_PIXELS, NUM_CLASSES
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +95,7 @@ class BoundSession:
         input_name: str,
         output_name: str,
         dtype,
+        *,
         buckets: Sequence[int],
         device: str = "cpu",
         device_id: int = 0,

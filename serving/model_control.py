@@ -11,10 +11,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from serving.config import Settings, parse_control_header
+from serving.discovery import is_version
 from serving.errors import InvalidInput, ModelControlOff, ModelNotFound, PermissionDenied
 from serving.model_settings import apply, parse_json
 from serving.protos import grpc_service_pb2 as pb
-from serving.repository import ModelRepository, is_version
+from serving.repository import ModelRepository
 
 log = logging.getLogger(__name__)
 

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from serving.config import NUM_CLASSES
+from serving.contract import NUM_CLASSES
 from serving.errors import InvalidReceipt, StartupError
 
 log = logging.getLogger(__name__)

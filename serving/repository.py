@@ -1,147 +1,27 @@
-"""The model repository: finds, loads, warms up and hot-swaps `<repo>/<model>/<version>/model.onnx`."""
+"""The model registry: which versions of which models are loaded, lookups for the request path, and the one sync
+(start-up, polling, explicit loads and unloads) that loads what the repository and the version policies want and
+unloads the rest, all or nothing for an explicit load. What is on disk is serving.discovery's; one version is
+serving.model_version's (the factory a test may replace)."""
 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
-import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from serving import telemetry
-from serving.batcher import Batcher
-from serving.config import Settings, parse_version_policy
+from serving.config import Settings
+from serving.discovery import is_version, policy_candidates, scan
 from serving.errors import InvalidInput, ModelLoadFailed, ModelNotFound, ModelNotReady, StartupError
-from serving.golden import TOLERANCE, accuracy, load_golden_set, short_of_recorded
 from serving.model_settings import from_file as settings_from_file
-from serving.runtime import CPU, OnnxModel
-from serving.telemetry import VersionTelemetry
+from serving.model_version import ModelVersion
 
 log = logging.getLogger(__name__)
 
-
-class ModelVersion:
-    """A loaded, warmed-up model version: its settings, metadata, onnxruntime sessions, batcher and telemetry."""
-
-    def __init__(self, name: str, version: int, directory: Path, settings: Settings) -> None:
-        started = time.perf_counter()
-        self.name, self.version, self.directory = name, str(version), directory
-        self.settings = settings
-        self.metadata = _read_metadata(directory)
-        self.model = OnnxModel(directory / "model.onnx", settings)
-        self.provider = self.model.provider
-        self.telemetry = VersionTelemetry(name, self.version, settings.accuracy_window)
-        self.batcher = Batcher(
-            self.model.run,
-            self.telemetry,
-            settings.max_batch_size,
-            settings.max_queue_delay_us,
-            settings.max_queue_images,
-            instances=settings.instance_count,
-            name=f"{name}-{version}",
-            inline_images=settings.inline_max_images if self.provider == CPU and not self.model.bound else 0,
-        )
-        try:
-            # On an execution thread of this version: with CUDA graphs (one instance, see Settings) the graphs
-            # are captured on the thread that replays them.
-            self.batcher.call(lambda: self.model.warm_up(settings.max_batch_size))
-            if settings.verify_on_load:
-                self.batcher.call(lambda: _verify_accuracy(self.model, self.metadata, settings.data_dir))
-        except BaseException:
-            self.batcher.close()
-            raise
-        self.load_seconds = time.perf_counter() - started
-        self.announce()
-
-    def announce(self) -> None:
-        """Set the version's gauges (provider, placement, load time, recorded accuracy): at load, and again when
-        it serves on after a reload of the same version was rolled back (the two share their series)."""
-        self.telemetry.loaded(self.provider, self.model.placement, self.load_seconds, self.metadata)
-
-    async def unload(self, forget: bool = True) -> None:
-        """Answer what is queued, stop the execution threads and, unless another load of the same version takes
-        its place (`forget=False`), drop its series."""
-        await self.batcher.drain()
-        self.batcher.close()
-        if forget:
-            self.telemetry.forget()
-
-
-# A version is refused if it scores more than golden.TOLERANCE below its recorded accuracy on these images.
-VERIFY_IMAGES = 1000
-
-
-def _verify_accuracy(model: OnnxModel, metadata: dict, data_dir: Path) -> None:
-    """Refuse a version that does not reproduce the test accuracy recorded in its metadata.json."""
-    if "test_accuracy" not in metadata:
-        return
-    golden = load_golden_set(data_dir, VERIFY_IMAGES)
-    if golden is None:
-        return
-    score = accuracy(model.run(golden.images), golden.labels)
-    recorded = short_of_recorded(score, metadata)
-    if recorded is not None:
-        raise StartupError(
-            f"accuracy {score:.3f} on the first {golden.labels.size} MNIST test images is more than "
-            f"{TOLERANCE} below the recorded test_accuracy {recorded:.3f}"
-        )
-
-
-def _read_metadata(directory: Path) -> dict:
-    path = directory / "metadata.json"
-    if not path.exists():
-        return {}
-    try:
-        metadata = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise StartupError(f"unreadable {path}: {exc}") from exc
-    if not isinstance(metadata, dict):
-        raise StartupError(f"{path} is not a JSON object")
-    return metadata
-
-
-def is_version(name: str) -> bool:
-    """A version is named by ASCII digits: isdigit() alone admits '²', which int() refuses."""
-    return name.isascii() and name.isdigit()
-
-
-def scan(root: Path, single_name: str = "") -> dict[str, dict[int, Path]]:
-    """Version directories on disk: integer-named folders holding a model.onnx (others are ignored).
-
-    With `single_name`, a root that is itself one model (version folders, or a bare model.onnx as version 1: what
-    KServe's storage initializer leaves in /mnt/models) is that model; a repository keeps its own names."""
-    if single_name:
-        versions = versions_in(root)
-        if not versions and (root / "model.onnx").is_file():
-            versions = {1: root}
-        if versions:
-            return {single_name: versions}
-    found: dict[str, dict[int, Path]] = {}
-    for model_dir in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        try:
-            versions = versions_in(model_dir)
-        except PermissionError:  # e.g. a volume root's lost+found: not a model
-            log.warning("skipping unreadable directory %s", model_dir)
-            continue
-        if versions:
-            found[model_dir.name] = versions
-    return found
-
-
-def versions_in(model_dir: Path) -> dict[int, Path]:
-    """One model's version folders: integer-named folders holding a model.onnx."""
-    return {int(v.name): v for v in model_dir.iterdir() if is_version(v.name) and (v / "model.onnx").is_file()}
-
-
-def policy_candidates(versions: dict[int, Path], settings: Settings) -> tuple[list[int], int]:
-    """The versions the version policy may serve, newest first ('latest:N' keeps the newest N that load), and
-    how many of them to serve."""
-    kind, numbers = parse_version_policy(settings.version_policy)
-    candidates = sorted(versions, reverse=True)
-    if kind == "specific":
-        candidates = [v for v in candidates if v in numbers]
-    return candidates, numbers[0] if kind == "latest" else len(candidates)
+# Loads one version: (model name, version, its folder, settings) -> a ModelVersion (ModelLoadError when it cannot).
+VersionFactory = Callable[[str, int, Path, Settings], ModelVersion]
 
 
 @dataclass(frozen=True, slots=True)
@@ -157,8 +37,9 @@ class IndexEntry:
 class ModelRepository:
     """The loaded versions of every model; lookups for the request path; reloads for hot-swap."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, version_factory: VersionFactory = ModelVersion) -> None:
         self.settings = settings
+        self.version_factory = version_factory
         self.root = settings.model_repository
         self.models: dict[str, dict[int, ModelVersion]] = {}
         self.failed: dict[tuple[str, int], str] = {}
@@ -378,7 +259,7 @@ class ModelRepository:
         """Load one version (verified as at start-up) and put it in place; the one it replaces is kept in
         `change` to be drained. False, with the failure recorded, when it does not load."""
         try:
-            mv = await asyncio.to_thread(ModelVersion, name, version, path, chosen)
+            mv = await asyncio.to_thread(self.version_factory, name, version, path, chosen)
         except Exception as exc:  # one bad version must not take the good ones down
             self._refuse(name, version, str(exc), change.failures)
             return False

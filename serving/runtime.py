@@ -15,7 +15,7 @@ import onnxruntime as ort
 from serving.config import Settings
 from serving.contract import IMAGE_PIXELS, NUM_CLASSES, PIXEL_SCALE
 from serving.cuda_host import driver_problem, explain
-from serving.errors import StartupError
+from serving.errors import ModelLoadError, StartupError
 from serving.iobinding import BoundSession
 
 log = logging.getLogger(__name__)
@@ -192,7 +192,7 @@ def create_sessions(graphs: dict[str, bytes], settings: Settings, path: Path) ->
         except Exception as exc:
             problem = "" if providers == [CPU] else _cuda_cause()
             if providers == [CPU] or wants_cuda(settings):
-                raise StartupError(f"cannot load {path} on {_names(providers)}: {exc}{problem}") from exc
+                raise ModelLoadError(f"cannot load {path} on {_names(providers)}: {exc}{problem}") from exc
             log.warning("%s: CUDA failed, serving on CPU (--device auto): %s%s", path, exc, problem)
             providers = [CPU]
 
@@ -216,9 +216,11 @@ def check_placement(by_input: dict[str, dict[str, list[str]]], settings: Setting
     elsewhere = {name: providers for name, providers in elsewhere.items() if providers}
     on_cuda = any(CUDA in providers for providers in by_input.values())
     if settings.require_gpu and elsewhere:
-        raise StartupError(f"--require-gpu: {path} has nodes that do not run on CUDA: {describe_placement(elsewhere)}")
+        raise ModelLoadError(
+            f"--require-gpu: {path} has nodes that do not run on CUDA: {describe_placement(elsewhere)}"
+        )
     if not on_cuda:
-        raise StartupError(f"{_asked(settings)}: no node of {path} runs on CUDA: {describe_placement(by_input)}")
+        raise ModelLoadError(f"{_asked(settings)}: no node of {path} runs on CUDA: {describe_placement(by_input)}")
     if elsewhere:
         log.warning("%s: nodes without a CUDA kernel run elsewhere: %s", path, describe_placement(elsewhere))
 
@@ -230,11 +232,11 @@ class OnnxModel:
         try:
             model_bytes = path.read_bytes()
         except OSError as exc:
-            raise StartupError(f"cannot read {path}: {exc}") from exc
+            raise ModelLoadError(f"cannot read {path}: {exc}") from exc
         try:
             uint8_bytes = with_uint8_input(model_bytes)
         except Exception as exc:
-            raise StartupError(f"cannot load {path}: its UINT8-input variant cannot be built: {exc}") from exc
+            raise ModelLoadError(f"cannot load {path}: its UINT8-input variant cannot be built: {exc}") from exc
         sessions = create_sessions({"FP32": model_bytes, "UINT8": uint8_bytes}, settings, path)
         self.session, self.uint8_session = sessions["FP32"], sessions["UINT8"]
         # Per input, provider -> op types: where onnxruntime really put each node.
@@ -245,7 +247,7 @@ class OnnxModel:
         self.provider = fp32.most_common(1)[0][0] if fp32 else self.session.get_providers()[0]
         inputs, outputs = self.session.get_inputs(), self.session.get_outputs()
         if len(inputs) != 1 or inputs[0].shape[-1] != IMAGE_PIXELS or outputs[0].shape[-1] != NUM_CLASSES:
-            raise StartupError(
+            raise ModelLoadError(
                 f"{path}: expected one input [N,{IMAGE_PIXELS}] and output [N,{NUM_CLASSES}], "
                 f"got {[(i.name, i.shape) for i in inputs]} -> {[(o.name, o.shape) for o in outputs]}"
             )
@@ -263,11 +265,11 @@ class OnnxModel:
         try:
             for dtype, session in ((np.float32, self.session), (np.uint8, self.uint8_session)):
                 self.bound[dtype] = BoundSession(
-                    session, self.input_name, self.output_name, dtype, settings.buckets, device,
-                    settings.cuda_device_id, settings.pinned_memory, graphs,
+                    session, self.input_name, self.output_name, dtype, buckets=settings.buckets, device=device,
+                    device_id=settings.cuda_device_id, pinned=settings.pinned_memory, cuda_graphs=graphs,
                 )  # fmt: skip
         except Exception as exc:
-            raise StartupError(f"cannot set up IO binding for {path} on {device}: {exc}") from exc
+            raise ModelLoadError(f"cannot set up IO binding for {path} on {device}: {exc}") from exc
         log.info(
             "%s: IO binding on %s, buckets %s, page-locked staging for %d of %d buckets, CUDA graphs %s",
             path, device, settings.buckets, min(len(b.pinned_buckets) for b in self.bound.values()),
@@ -290,12 +292,12 @@ class OnnxModel:
             try:
                 bound.warm_up()
             except Exception as exc:
-                raise StartupError(f"IO-binding warm-up failed: {exc}") from exc
+                raise ModelLoadError(f"IO-binding warm-up failed: {exc}") from exc
         for n in sorted({1, max_batch_size}):
             for dtype in (np.float32, np.uint8):
                 probs = self.run(np.zeros((n, IMAGE_PIXELS), dtype=dtype))
                 if probs.shape != (n, NUM_CLASSES) or not np.all(np.isfinite(probs)):
-                    raise StartupError(f"warm-up inference gave {probs.shape} / non-finite output")
+                    raise ModelLoadError(f"warm-up inference gave {probs.shape} / non-finite output")
 
 
 def tiny_model() -> bytes:

@@ -1,4 +1,5 @@
-"""Server assembly and lifecycle: build the gRPC server, load models, serve, drain on SIGTERM."""
+"""One server process's gRPC server: its assembly (services over the data plane), its start (bind, load, say
+SERVING) and its drain on SIGTERM. The process around it (entry point, workers, exit codes) is serving.lifecycle."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 from serving import telemetry, tracing
 from serving.canary import Canary
 from serving.config import Settings
-from serving.dataplane import DataPlane, ServerState
+from serving.dataplane import DataPlane
 from serving.errors import StartupError
 from serving.feedback import Feedback, ReceiptLedger
 from serving.model_control import ModelControl
@@ -26,6 +27,7 @@ from serving.receipts import ReceiptKey
 from serving.repository import ModelRepository
 from serving.runtime import check_device
 from serving.servicer import FeedbackServicer, InferenceServicer, add_generic, add_inference_service
+from serving.state import ServerState
 from serving.workers import Readiness
 
 log = logging.getLogger(__name__)

@@ -49,29 +49,21 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     @grpc_errors
     async def ModelMetadata(self, request, context):
-        mv = self.plane.version(request.name, request.version)
-        return codec.model_metadata(mv, sorted(self.plane.repository.models[mv.name], reverse=True))
+        return self.plane.metadata(request.name, request.version)
 
     @grpc_errors
     async def ModelConfig(self, request, context):
-        return pb.ModelConfigResponse(config=codec.model_config(self.plane.version(request.name, request.version)))
+        return pb.ModelConfigResponse(config=self.plane.config(request.name, request.version))
 
     @grpc_errors
     async def ModelStatistics(self, request, context):
-        if request.name:
-            versions = [self.plane.version(request.name, request.version)]
-        else:
-            versions = self.plane.repository.versions()
-        stats = [mv.telemetry.stats.proto(mv.name, mv.version) for mv in versions]
-        return pb.ModelStatisticsResponse(model_stats=stats)
+        return pb.ModelStatisticsResponse(model_stats=self.plane.statistics(request.name, request.version))
 
     @grpc_errors
     async def RepositoryIndex(self, request, context):
-        entries = await self.plane.repository.index()
         models = [
             pb.RepositoryIndexResponse.ModelIndex(name=e.name, version=e.version, state=e.state, reason=e.reason)
-            for e in entries
-            if e.state == "READY" or not request.ready
+            for e in await self.plane.index(request.ready)
         ]
         return pb.RepositoryIndexResponse(models=models)
 
@@ -92,9 +84,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         """Registered stream-unary (the same bytes on the wire as unary, see add_inference_service), so that
         the request is read only once admitted: one refused for memory is never copied into the process."""
         deadline = _deadline(context)
-        if self.plane.refusing():  # before reading: a refused call is never read
-            await self.plane.refuse_after_goaway(deadline)
-        return await self.plane.infer(await self.plane.read_admitted(context.read), deadline, span=span)
+        await self.plane.refuse_new_call(deadline)  # before reading: a refused call is never read
+        received = await self.plane.read_admitted(context.read, grpc.aio.EOF)
+        return await self.plane.infer(received, deadline, span=span)
 
     async def traced_model_infer(self, requests, context):
         """ModelInfer in its request span, registered in ModelInfer's place when tracing is on (off, a call takes
@@ -105,11 +97,10 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     async def ModelStreamInfer(self, request_iterator, context):
         """Triton's bidirectional stream: each request answered (in completion order) with its id echoed."""
-        if self.plane.refusing():
-            try:
-                await self.plane.refuse_after_goaway(_deadline(context))
-            except ServerDraining as exc:
-                await context.abort(exc.code, str(exc), trailing_metadata=exc.trailers)
+        try:
+            await self.plane.refuse_new_call(_deadline(context))
+        except ServerDraining as exc:
+            await context.abort(exc.code, str(exc), trailing_metadata=exc.trailers)
         stream = InferStream(self.plane, request_iterator, _deadline(context), context.invocation_metadata())
         async for response in stream.responses():
             yield response

@@ -25,7 +25,7 @@ class InferStream:
     def __init__(self, plane: DataPlane, requests, deadline: float | None, metadata=()) -> None:
         self.plane, self.requests, self.deadline = plane, requests, deadline
         self.metadata = metadata  # the call's: a message without its own traceparent continues the stream's trace
-        self.window = asyncio.Semaphore(plane.settings.stream_max_in_flight)
+        self.window = asyncio.Semaphore(plane.stream_window)
         self.answers: asyncio.Queue[bytes | pb.ModelStreamInferResponse | None] = asyncio.Queue()
         self.tasks: set[asyncio.Task] = set()
         self.reading = True
@@ -44,21 +44,17 @@ class InferStream:
                 task.cancel()
 
     async def _stop_reading_on_drain(self, reader: asyncio.Task) -> None:
-        await self.plane.state.refusing_started.wait()
+        await self.plane.refusing_begun()
         if self.reading:  # a client that already closed its side just gets its answers and OK
             self.cut_by_drain = True
             reader.cancel()
 
     async def _read(self) -> None:
-        admission = self.plane.admission
         requests = aiter(self.requests)
         try:
             while True:
                 await self.window.acquire()
-                # NOTE: a stream is never refused for memory: it stops reading (HTTP/2 flow control slows the
-                # client) until the process has room for a typical request.
-                await admission.wait_for_room()
-                request = await admission.read(lambda: anext(requests, None))
+                request = await self.plane.read_streamed(lambda: anext(requests, None))
                 if request is None:  # the client closed its side
                     break
                 task = asyncio.create_task(self._answer(request))

@@ -245,10 +245,12 @@ class VersionTelemetry:
         self._queue_images.set(images)
 
     # Per request, from the data plane.
-    def record_success(self, seconds: float, images: int, queue_s: float, input_s: float, infer_s: float,
-                       output_s: float) -> None:  # fmt: skip
-        """One answered request: its latency and the Triton statistics (updated together: perf_analyzer refuses
-        statistics whose counts differ, and reads them while requests are in flight)."""
+    def record_success(
+        self, seconds: float, images: int, *, queue_s: float, input_s: float, infer_s: float, output_s: float
+    ) -> None:
+        """One answered request: its latency, and the Triton statistics of its phases (queue, input = decoding,
+        infer = its run, output = receipt and encoding), updated together: perf_analyzer refuses statistics whose
+        counts differ, and reads them while requests are in flight."""
         self._request_duration.observe(seconds)
         self._ok.inc()
         s = self.stats

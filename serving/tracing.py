@@ -264,8 +264,6 @@ class RequestSpan:
     def _status(self, exc: BaseException) -> tuple[grpc.StatusCode, str]:
         if isinstance(exc, grpc.aio.AbortError) and self.context is not None:
             return self.context.code() or grpc.StatusCode.UNKNOWN, self.context.details() or ""
-        if isinstance(exc, asyncio.CancelledError):
-            return grpc.StatusCode.CANCELLED, "the client went away"
         return status_of(exc)
 
 

@@ -17,6 +17,7 @@ from server_process import start_server
 from tritonclient.utils import InferenceServerException
 
 from bench.common import ChildServer, free_port, serving_cmd
+from bench.metrics_text import Snapshot
 from serving.client import main
 from serving.protos import grpc_service_pb2_grpc as pb_grpc
 
@@ -145,8 +146,8 @@ async def test_load_refuse_unload_and_reload_under_load(repository, tmp_path, re
     assert {o.code for o in outcomes if o.sent > unloaded_at} == {"NOT_FOUND"}
     assert all(o.correct for o in outcomes if o.code == "OK")
     assert index_after["models"] == [{"name": "mnist", "state": "UNAVAILABLE", "reason": "unloaded"}]
-    provider_series = [line for line in metrics_unloaded.splitlines() if line.startswith(PROVIDER_INFO + "{")]
-    assert not any('version="2"' in line for line in provider_series), provider_series
+    provider_series = Snapshot(metrics_unloaded).series(PROVIDER_INFO)
+    assert not any(labels["version"] == "2" for labels, _ in provider_series), provider_series
     assert version == "1" and reference.check(0, 8, probs)
     assert "unloading model mnist version 2 (RepositoryModelUnload)" in log
 

@@ -9,9 +9,10 @@ import pytest
 
 from serving.admission import Admission
 from serving.config import Settings
-from serving.dataplane import DataPlane, ServerState
+from serving.dataplane import DataPlane
 from serving.errors import InvalidInput, Overloaded
 from serving.protos import grpc_service_pb2 as pb
+from serving.state import ServerState
 from serving.wire import InferRequest
 
 MB = 1 << 20
@@ -95,12 +96,12 @@ async def test_a_read_that_fails_or_is_cancelled_gives_its_place_back():
         return InferRequest.of(pb.ModelInferRequest(model_name="mnist", raw_input_contents=[bytes(784)]))
 
     with pytest.raises(asyncio.CancelledError):
-        await s.read_admitted(cancelled)
+        await s.read_admitted(cancelled, grpc.aio.EOF)
     assert s.admission.reading == 0
     with pytest.raises(InvalidInput, match="without a request message"):
-        await s.read_admitted(eof)
+        await s.read_admitted(eof, grpc.aio.EOF)
     assert s.admission.reading == 0
-    received = await s.read_admitted(message)
+    received = await s.read_admitted(message, grpc.aio.EOF)
     assert received.message.model_name == "mnist" and s.admission.reading == 0
     assert s.admission.typical > 0
 

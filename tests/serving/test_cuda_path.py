@@ -126,7 +126,7 @@ def test_pinned_means_every_bucket_is_page_locked(model_path, monkeypatch):
             return real(shape, dtype, False)[0], shape[0] != f
 
         monkeypatch.setattr(iobinding, "host_buffer", register_fails_for)
-        bound = BoundSession(session, name_in, name_out, np.float32, (1, 2, 4, 8), "cpu", pinned=True)
+        bound = BoundSession(session, name_in, name_out, np.float32, buckets=(1, 2, 4, 8), device="cpu", pinned=True)
         assert bound.pinned is (failing is None)
         assert bound.pinned_buckets == tuple(b for b in (1, 2, 4, 8) if b != failing)
 

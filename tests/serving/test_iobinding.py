@@ -48,7 +48,9 @@ def test_host_buffers_are_page_aligned_and_cuda_graphs_need_cuda(trained_reposit
     assert array.shape == (3, 784) and array.ctypes.data % 4096 == 0 and not pinned
     model = OnnxModel(trained_repository / "mnist" / "1" / "model.onnx", Settings(device="cpu"))
     with pytest.raises(ValueError, match="CUDA graphs need device='cuda'"):
-        BoundSession(model.session, model.input_name, model.output_name, np.float32, (1,), "cpu", cuda_graphs=True)
+        BoundSession(
+            model.session, model.input_name, model.output_name, np.float32, buckets=(1,), device="cpu", cuda_graphs=True
+        )
 
 
 @pytest.fixture(scope="module")
@@ -128,7 +130,7 @@ async def test_every_run_of_a_version_happens_on_its_execution_thread(trained_re
     other thread, with IO binding as CUDA graphs use it (a graph is captured and replayed per thread)."""
     import onnxruntime as ort
 
-    from serving.repository import ModelVersion
+    from serving.model_version import ModelVersion
 
     threads: list[int] = []
     for method in ("run", "run_with_iobinding"):

@@ -13,10 +13,11 @@ from tritonclient.utils import InferenceServerException
 
 from serving.client import load_request, replica_targets
 from serving.config import Settings, parse_args
+from serving.discovery import scan
 from serving.errors import InvalidInput, ModelControlOff, ModelLoadFailed, ModelNotFound, PermissionDenied, StartupError
 from serving.model_control import LoadOptions, ModelControl, load_options, model_settings, write_files
 from serving.protos import grpc_service_pb2 as pb
-from serving.repository import IndexEntry, ModelRepository, scan
+from serving.repository import IndexEntry, ModelRepository
 
 HEADER = "x-model-control=s3cret"
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from serving.repository import scan
+from serving.discovery import scan
 
 
 def test_only_ascii_digit_folders_with_a_model_are_versions(tmp_path):

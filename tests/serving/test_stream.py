@@ -15,12 +15,12 @@ from metrics_helpers import scrape
 from server_process import start_server
 
 from serving import wire
-from serving.admission import Admission
 from serving.client import infer_request, probabilities
 from serving.config import Settings
-from serving.dataplane import ServerState
+from serving.dataplane import DataPlane
 from serving.protos import grpc_service_pb2 as pb
 from serving.protos import grpc_service_pb2_grpc as pb_grpc
+from serving.state import ServerState
 from serving.stream import InferStream
 from serving.wire import InferRequest
 
@@ -147,16 +147,14 @@ def test_sigterm_answers_what_was_accepted_then_ends_the_stream_unavailable(trai
 # ---------------------------------------------------------------- InferStream in-process
 
 
-class GatedServicer:
-    """What InferStream needs from the servicer; `infer` waits for `gate` and tracks how many run at once."""
+class GatedServicer(DataPlane):
+    """The data plane with `infer` replaced: it waits for `gate` and tracks how many run at once (the stream's own
+    operations, reading and its window, are the real ones)."""
 
     def __init__(self, limit: int) -> None:
-        self.settings = Settings(stream_max_in_flight=limit, model_repository="unused")
-        self.state = ServerState()
-        self.admission = Admission(self.settings.max_inflight_bytes)
+        super().__init__(None, Settings(stream_max_in_flight=limit, model_repository="unused"), ServerState(), None)
         self.gate = asyncio.Event()
         self.active = self.peak = 0
-        self.tracing = None
 
     async def infer(self, request, deadline, stream=False, span=None):
         assert stream  # a streamed request may wait for room in the queue
