@@ -161,6 +161,36 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def _children(args, contenders: list[Contender]) -> tuple[list[ChildServer], ChildServer | None]:
+    """A ChildServer per contender and, with --otlp-receiver, the receiver they are all pointed at."""
+    receiver = None
+    if args.otlp_receiver:
+        port = free_port()
+        cmd = python_cmd("-m", "bench.otlp_receiver", "--port", str(port), "--count-only")
+        receiver = ChildServer("otlp-receiver", cmd, port, args.out / "logs" / "otlp-receiver.log")
+        for c in contenders:
+            c.env = {"OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{port}", **(c.env or {})}
+    log_dir = args.out / "logs"
+    children = [
+        ChildServer(c.name, c.cmd, c.port, log_dir / f"{c.name}.log", metrics_port=c.metrics_port, cwd=c.cwd, env=c.env)
+        for c in contenders
+    ]
+    return children, receiver
+
+
+def _measure(args, children: list[ChildServer], steps: list[Step], images, labels) -> dict:
+    """Rounds of every step on every server in turn: {step label: {server: [result per round]}}."""
+    results: dict[str, dict[str, list[dict]]] = {s.label(): {c.name: [] for c in children} for s in steps}
+    with LoadGenerator("127.0.0.1:1", images, labels, args.client_procs) as gen:
+        for rnd in range(args.rounds):
+            for child in children:
+                url = f"http://127.0.0.1:{child.metrics_port}/metrics" if child.metrics_port else None
+                log.info("round %d/%d: %s", rnd + 1, args.rounds, child.name)
+                for r in run_steps(gen, child, steps, url, retries=1):
+                    results[r["label"]][child.name].append(_flat(r))
+    return results
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
@@ -173,47 +203,21 @@ def main(argv: list[str] | None = None) -> int:
              warmup=args.warmup)
         for c in args.concurrency.split(",")
     ]  # fmt: skip
-    if args.otlp_receiver:
-        receiver_port = free_port()
-        receiver = ChildServer(
-            "otlp-receiver", python_cmd("-m", "bench.otlp_receiver", "--port", str(receiver_port), "--count-only"),
-            receiver_port, args.out / "logs" / "otlp-receiver.log",
-        )  # fmt: skip
-        for c in contenders:
-            c.env = {"OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{receiver_port}", **(c.env or {})}
-    children = [
-        ChildServer(
-            c.name, c.cmd, c.port, args.out / "logs" / f"{c.name}.log", metrics_port=c.metrics_port, cwd=c.cwd,
-            env=c.env,
-        )
-        for c in contenders
-    ]  # fmt: skip
-    if args.otlp_receiver:
-        children.insert(0, receiver)
-    results: dict[str, dict[str, list[dict]]] = {s.label(): {c.name: [] for c in children} for s in steps}
+    children, receiver = _children(args, contenders)
     try:
-        measured = [c for c in children if c.name != "otlp-receiver"]
+        if receiver is not None:
+            _wait_port(receiver.start())
         for child in children:  # all started first, kept running: idle ones cost (nearly) nothing
-            child.start()
-            if child in measured:
-                child.wait_ready()
-            else:
-                _wait_port(child)
-        with LoadGenerator("127.0.0.1:1", images, labels, args.client_procs) as gen:
-            for rnd in range(args.rounds):
-                for child in measured:
-                    url = f"http://127.0.0.1:{child.metrics_port}/metrics" if child.metrics_port else None
-                    log.info("round %d/%d: %s", rnd + 1, args.rounds, child.name)
-                    for r in run_steps(gen, child, steps, url, retries=1):
-                        results[r["label"]][child.name].append(_flat(r))
+            child.start().wait_ready()
+        results = _measure(args, children, steps, images, labels)
     finally:
-        for child in reversed(children):  # the servers before the trace receiver they flush their spans to
-            child.stop()
-    first = measured[0].name
+        for child in [*children, receiver]:  # the servers first: they flush their spans to the receiver
+            if child is not None:
+                child.stop()
     report = {"servers": dict(named), "rounds": args.rounds, "steps": {}}
     for label, rounds in results.items():
-        summary = summarize(rounds, first)
-        print_summary(label, summary, first)
+        summary = summarize(rounds, children[0].name)
+        print_summary(label, summary, children[0].name)
         report["steps"][label] = {"summary": summary, "rounds": rounds}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "latest.json").write_text(json.dumps(report, indent=2, default=str))

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from serving.config import IMAGE_PIXELS
+from serving.contract import IMAGE_PIXELS
 
 log = logging.getLogger(__name__)
 
@@ -361,7 +361,7 @@ def load_test_set(data_dir: str | os.PathLike = REPO_ROOT / "data") -> tuple[np.
 
 def find_model(repository: str | os.PathLike, model: str = MODEL_NAME) -> Path:
     """The newest <repository>/<model>/<version>/model.onnx: the version unversioned requests get."""
-    from serving.repository import scan  # the server's own notion of a version, imported only where needed
+    from serving.discovery import scan  # the server's own notion of a version, imported only where needed
 
     root = Path(repository)
     versions = scan(root).get(model) if root.is_dir() else None

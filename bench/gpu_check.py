@@ -432,7 +432,7 @@ def _ints(text: str) -> list[int]:
     return [int(v) for v in text.split(",") if v.strip()]
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m bench.gpu_check", description=__doc__)
     p.add_argument("--require", action="store_true", help="exit non-zero when there is no CUDA to check")
     p.add_argument("--model-repository", type=Path, default=REPO_ROOT / "model_repository")
@@ -458,17 +458,19 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--results-dir", type=Path, default=REPO_ROOT / "bench" / "results" / "gpu_check")
     p.add_argument("--json", type=Path, help="also write the report here")
-    args = p.parse_args(argv)
+    return p
 
+
+def choose_device(args) -> int | None:
+    """Set args.device/expect for CUDA (or the CPU rehearsal); the exit code when there is nothing to check."""
     import onnxruntime as ort
 
     providers = ort.get_available_providers()
-    devices = cuda_devices()
     problem = driver_problem()  # the driver's own reason, asked once
     if args.rehearse_on_cpu:
         args.device, args.expect, args.cuda_graphs = "cpu", CPU, False
         print("rehearsal on CPU: every step runs on CPUExecutionProvider; CUDA is not checked")
-    elif CUDA not in providers or not devices or problem:
+    elif CUDA not in providers or not cuda_devices() or problem:
         why = "" if CUDA not in providers else f" (the build has {CUDA} but there is no /dev/nvidia* device)"
         if problem:
             why = f"; {explain(problem)}"
@@ -480,11 +482,39 @@ def main(argv: list[str] | None = None) -> int:
     else:
         args.device, args.expect = "cuda", CUDA
         ort.preload_dlls()
+    return None
+
+
+def write_report(report: dict, args) -> None:
+    """The JSON (timestamped, latest.json and --json) and the plot."""
+    stamp = report["timestamp"]
+    text = json.dumps(report, indent=2, default=str)
+    args.results_dir.mkdir(parents=True, exist_ok=True)
+    for name in (f"{stamp}.json", "latest.json"):
+        (args.results_dir / name).write_text(text)
+    if args.json:
+        args.json.write_text(text)
+    try:
+        plot(report, args.results_dir / f"{stamp}.png")
+        (args.results_dir / "latest.png").write_bytes((args.results_dir / f"{stamp}.png").read_bytes())
+    except Exception as exc:  # a missing plot must not hide the checks
+        print(f"plot failed: {exc}", file=sys.stderr)
+    print(f"results: {args.results_dir / (stamp + '.json')} (and latest.json, latest.png)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    code = choose_device(args)
+    if code is not None:
+        return code
     install_sigterm_exit()
+    import onnxruntime as ort
+
     from bench.common import load_test_set, machine_info
 
     gpus = nvidia_smi()
-    print(f"gpu-check: onnxruntime {ort.__version__} providers {providers}, devices {devices}\n{gpus}")
+    print(f"gpu-check: onnxruntime {ort.__version__} providers {ort.get_available_providers()}, "
+          f"devices {cuda_devices()}\n{gpus}")  # fmt: skip
     checks = Checks()
     try:
         model_path = find_model(args.model_repository)
@@ -502,31 +532,13 @@ def main(argv: list[str] | None = None) -> int:
         server = check_server(checks, args.model_repository, x, y, p_cpu, args, logs)
     met = goals(checks, inproc_cmp, server, args.expect)
     print(f"\ngpu-check {'PASSED' if checks.ok else 'FAILED'} in {time.perf_counter() - t0:.0f} s")
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    report = {
-        "timestamp": stamp,
-        "rehearsal_on_cpu": args.rehearse_on_cpu,
-        "gpus": gpus,
+    write_report({
+        "timestamp": time.strftime("%Y%m%d-%H%M%S"), "rehearsal_on_cpu": args.rehearse_on_cpu, "gpus": gpus,
         "machine": machine_info(),
         "settings": {"cuda_graphs": args.cuda_graphs, "workers": args.workers, "duration_s": args.duration},
-        "checks": checks.items,
-        "goals": met,
-        "inprocess": inproc,
-        "inprocess_comparisons": inproc_cmp,
+        "checks": checks.items, "goals": met, "inprocess": inproc, "inprocess_comparisons": inproc_cmp,
         "server": server,
-    }
-    text = json.dumps(report, indent=2, default=str)
-    args.results_dir.mkdir(parents=True, exist_ok=True)
-    for name in (f"{stamp}.json", "latest.json"):
-        (args.results_dir / name).write_text(text)
-    if args.json:
-        args.json.write_text(text)
-    try:
-        plot(report, args.results_dir / f"{stamp}.png")
-        (args.results_dir / "latest.png").write_bytes((args.results_dir / f"{stamp}.png").read_bytes())
-    except Exception as exc:  # a missing plot must not hide the checks
-        print(f"plot failed: {exc}", file=sys.stderr)
-    print(f"results: {args.results_dir / (stamp + '.json')} (and latest.json, latest.png)")
+    }, args)  # fmt: skip
     return 0 if checks.ok else 1
 
 

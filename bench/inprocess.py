@@ -30,6 +30,15 @@ def _machine_busy() -> float:
     return t.user + t.system + t.nice + getattr(t, "irq", 0.0) + getattr(t, "softirq", 0.0)
 
 
+def _batches(images: np.ndarray, labels: np.ndarray, batch: int, dtype: str) -> tuple[list, np.ndarray]:
+    """The model inputs of consecutive `batch`-image slices (UINT8 as they are, FP32 scaled), and the labels."""
+    if len(images) < batch:
+        reps = -(-batch // len(images))
+        images, labels = np.tile(images, (reps, 1))[:batch], np.tile(labels, reps)[:batch]
+    slices = [images[i * batch : (i + 1) * batch] for i in range(max(1, len(images) // batch))]
+    return (slices if dtype == "UINT8" else [to_model_input(x) for x in slices]), labels
+
+
 def _warm_up(run, seconds: float) -> None:
     end = time.perf_counter() + seconds
     i = 0
@@ -43,14 +52,8 @@ def measure(
     warmup: float = 0.3, max_runs: int = 0,
 ) -> dict:  # fmt: skip
     """Run batches back to back for `duration` seconds; UINT8 pixels go in as they are (the model scales them)."""
-    n_batches = max(1, len(images) // batch)
-    if len(images) < batch:
-        reps = -(-batch // len(images))
-        images, labels = np.tile(images, (reps, 1))[:batch], np.tile(labels, reps)[:batch]
-    if dtype == "UINT8":
-        inputs = [images[i * batch : (i + 1) * batch] for i in range(n_batches)]
-    else:
-        inputs = [to_model_input(images[i * batch : (i + 1) * batch]) for i in range(n_batches)]
+    inputs, labels = _batches(images, labels, batch, dtype)
+    n_batches = len(inputs)
 
     def run(i: int) -> np.ndarray:
         return model.run(inputs[i % n_batches])

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from bench.common import INFER_METHOD, MODEL_NAME, STREAM_METHOD, NonLoopbackTarget, check_target, load_test_set
-from serving.config import NUM_CLASSES
+from serving.contract import NUM_CLASSES
 
 # Responses kept per client process for the accuracy check (decoded after the step, off the clock).
 ACCURACY_SAMPLE = 50_000
@@ -116,177 +116,224 @@ def _correct(resp, labels: np.ndarray) -> int:
 # ---------------------------------------------------------------- one client process
 
 
-async def _run_async(target: str, step: Step, requests, labels, part: int, parts: int, start_at: float) -> dict:
-    """Run this process's share of a step; returns raw samples (times in ns on this process's clock)."""
-    import grpc
+class _Part:
+    """One client process's share of a step: its connections, its samples (times in ns on this process's clock)
+    and the three ways of sending (closed loop, open loop, streams)."""
 
-    share = _share(step, part, parts)
-    if share == 0:
-        return _empty()
-    # Several connections: SO_REUSEPORT server workers each get some (the kernel spreads connections, not calls).
-    n_channels = step.channels or min(share if step.mode == "closed" else MAX_CHANNELS, MAX_CHANNELS)
-    if step.stream and not step.channels:
-        n_channels = min(share, STREAMS_PER_PROCESS)  # several requests in flight on each stream
-    # A private subchannel pool per channel: separate TCP connections (SO_REUSEPORT spreads them over workers).
-    # Round robin: a target listing several servers (ipv4:a,b) spreads the calls; one server: no difference.
-    options = [("grpc.use_local_subchannel_pool", 1), ("grpc.lb_policy_name", "round_robin")]
-    channels = [grpc.aio.insecure_channel(target, options=options) for _ in range(n_channels)]
-    calls = [ch.unary_unary(INFER_METHOD) for ch in channels]  # bytes in, bytes out: no client serialization
-    try:
-        await asyncio.wait_for(asyncio.gather(*(ch.channel_ready() for ch in channels)), step.timeout)
-    except TimeoutError:
-        await asyncio.gather(*(ch.close() for ch in channels))
-        return {**_empty(), "errors": {"UNAVAILABLE": 1}, "connect_failed": True}
+    def __init__(self, target: str, step: Step, requests, labels, part: int, parts: int) -> None:
+        self.target, self.step, self.requests, self.labels = target, step, requests, labels
+        self.share = _share(step, part, parts)
+        self.part, self.parts = part, parts
+        self.starts: list[int] = []
+        self.lats: list[int] = []
+        self.codes: list[str] = []
+        self.kept: list = []
+        self.clock = time.perf_counter_ns
+        self.next_image = part * len(requests) // parts  # each client process starts on other images
+        self.budget = _share_requests(step.max_requests, part, parts) if step.max_requests else math.inf
+        self.lag_ns = 0
+        self.cpu_marks: dict[str, float] = {}
 
-    n_req = len(requests)
-    starts, lats, codes, kept = [], [], [], []
-    clock = time.perf_counter_ns
-    # Wait for the common wall-clock start so several client processes load the server together.
-    await asyncio.sleep(max(0.0, start_at - time.time()))
-    t0 = clock()
-    warm_end = t0 + int(step.warmup * 1e9)
-    end = warm_end + int(step.duration * 1e9)
-    cpu_marks: dict[str, float] = {}
+    async def connect(self) -> bool:
+        """The connections, ready (False when they were not within the step's timeout)."""
+        import grpc
 
-    async def cpu_sampler():
-        await asyncio.sleep(step.warmup)
-        cpu_marks["start"], cpu_marks["start_wall"] = time.process_time(), time.perf_counter()
-        await asyncio.sleep(step.duration)
-        cpu_marks["end"], cpu_marks["end_wall"] = time.process_time(), time.perf_counter()
-
-    sampler = asyncio.create_task(cpu_sampler())
-    lag_ns = 0
-
-    async def one(idx: int, call, t_ref: int) -> None:
+        step = self.step
+        # Several connections: SO_REUSEPORT server workers each get some (the kernel spreads connections, not calls).
+        n = step.channels or min(self.share if step.mode == "closed" else MAX_CHANNELS, MAX_CHANNELS)
+        if step.stream and not step.channels:
+            n = min(self.share, STREAMS_PER_PROCESS)  # several requests in flight on each stream
+        # A private subchannel pool per channel: separate TCP connections (SO_REUSEPORT spreads them over workers).
+        # Round robin: a target listing several servers (ipv4:a,b) spreads the calls; one server: no difference.
+        options = [("grpc.use_local_subchannel_pool", 1), ("grpc.lb_policy_name", "round_robin")]
+        self.channels = [grpc.aio.insecure_channel(self.target, options=options) for _ in range(n)]
+        self.calls = [ch.unary_unary(INFER_METHOD) for ch in self.channels]  # bytes in and out: no serialization
         try:
-            resp = await call(requests[idx], timeout=step.timeout)
+            await asyncio.wait_for(asyncio.gather(*(ch.channel_ready() for ch in self.channels)), step.timeout)
+        except TimeoutError:
+            await self.close()
+            return False
+        return True
+
+    async def close(self) -> None:
+        await asyncio.gather(*(ch.close() for ch in self.channels))
+
+    def take(self) -> int:
+        """The next request's index (every test image once before any repeats)."""
+        idx = self.next_image % len(self.requests)
+        self.next_image += 1
+        self.budget -= 1
+        return idx
+
+    def record(self, t_ref: int, done: int, code: str, idx: int, resp) -> None:
+        self.starts.append(t_ref)
+        self.lats.append(done - t_ref)
+        self.codes.append(code)
+        if resp is not None and len(self.kept) < ACCURACY_SAMPLE:
+            self.kept.append((idx, resp))
+
+    async def one(self, idx: int, call, t_ref: int) -> None:
+        import grpc
+
+        try:
+            resp = await call(self.requests[idx], timeout=self.step.timeout)
             code = "OK"
         except grpc.aio.AioRpcError as exc:
             resp, code = None, exc.code().name
-        done = clock()
-        starts.append(t_ref)
-        lats.append(done - t_ref)
-        codes.append(code)
-        if resp is not None and len(kept) < ACCURACY_SAMPLE:
-            kept.append((idx, resp))
+        self.record(t_ref, self.clock(), code, idx, resp)
 
-    first = part * n_req // parts  # each client process starts on other images
-    if step.stream:
-        from serving.protos import grpc_service_pb2 as pb
+    async def run(self, start_at: float) -> dict:
+        # Wait for the common wall-clock start so several client processes load the server together.
+        await asyncio.sleep(max(0.0, start_at - time.time()))
+        self.t0 = self.clock()
+        self.warm_end = self.t0 + int(self.step.warmup * 1e9)
+        self.end = self.warm_end + int(self.step.duration * 1e9)
+        sampler = asyncio.create_task(self._sample_cpu())
+        if self.step.stream:
+            await self.streams()
+        elif self.step.mode == "closed":
+            await asyncio.gather(*(self.worker(w) for w in range(self.share)))
+        else:
+            await self.open_loop()
+        finished = self.clock()
+        if not sampler.done():
+            self._mark("end")
+            sampler.cancel()
+            self.cpu_marks.setdefault("start", self.cpu_marks["end"])
+            self.cpu_marks.setdefault("start_wall", self.cpu_marks["end_wall"])
+        await self.close()
+        return self.result(finished)
 
-        counter = [first]
-        budget = [_share_requests(step.max_requests, part, parts) if step.max_requests else math.inf]
-        call_timeout = step.warmup + step.duration + step.timeout + 5
+    def _mark(self, which: str) -> None:
+        self.cpu_marks[which], self.cpu_marks[f"{which}_wall"] = time.process_time(), time.perf_counter()
 
-        async def streamer(channel, slots: int) -> None:
-            call = channel.stream_stream(STREAM_METHOD)(timeout=call_timeout)
-            sent: dict[str, tuple[int, int]] = {}
-            seq = 0
+    async def _sample_cpu(self) -> None:
+        await asyncio.sleep(self.step.warmup)
+        self._mark("start")
+        await asyncio.sleep(self.step.duration)
+        self._mark("end")
 
-            async def send() -> None:
-                nonlocal seq
-                idx = counter[0] % n_req
-                counter[0] += 1
-                budget[0] -= 1
-                seq += 1
-                key = str(seq)
-                sent[key] = (clock(), idx)
-                # Serialized protobufs concatenate as a merge: this sets the request id without re-encoding.
-                await call.write(requests[idx] + pb.ModelInferRequest(id=key).SerializeToString())
+    async def worker(self, w: int) -> None:
+        """Closed loop: the next request as soon as the last one returns."""
+        call = self.calls[w % len(self.calls)]
+        while self.clock() < self.end and self.budget > 0:
+            await self.one(self.take(), call, self.clock())
 
-            try:
-                for _ in range(slots):
-                    if budget[0] > 0 and clock() < end:
-                        await send()
-                while sent:
-                    raw = await call.read()
-                    if raw is grpc.aio.EOF:
-                        break
-                    done = clock()
-                    resp = pb.ModelStreamInferResponse.FromString(raw)
-                    t_ref, idx = sent.pop(resp.infer_response.id)
-                    starts.append(t_ref)
-                    lats.append(done - t_ref)
-                    codes.append(resp.error_message.split(":", 1)[0] if resp.error_message else "OK")
-                    if not resp.error_message and len(kept) < ACCURACY_SAMPLE:
-                        kept.append((idx, resp.infer_response))
-                    if budget[0] > 0 and done < end:
-                        await send()
-                await call.done_writing()
-            except grpc.aio.AioRpcError as exc:
-                code = exc.code().name
-            else:
-                code = "UNAVAILABLE"  # the server ended the stream with requests unanswered
-            for t_ref, _ in sent.values():
-                starts.append(t_ref)
-                lats.append(clock() - t_ref)
-                codes.append(code)
-
-        if step.window:  # streams of `window` in flight each, taking the connections in turn
-            slots = [min(step.window, share - k) for k in range(0, share, step.window)]
-        else:  # one stream per connection
-            slots = [share // n_channels + (i < share % n_channels) for i in range(n_channels)]
-        await asyncio.gather(*(streamer(channels[i % n_channels], k) for i, k in enumerate(slots) if k))
-    elif step.mode == "closed":
-        bounded = step.max_requests > 0
-        budget = [_share_requests(step.max_requests, part, parts)]
-        counter = [first]
-
-        async def worker(w: int) -> None:
-            call = calls[w % n_channels]
-            while clock() < end and not (bounded and budget[0] <= 0):
-                budget[0] -= 1
-                idx = counter[0] % n_req
-                counter[0] += 1
-                await one(idx, call, clock())
-
-        await asyncio.gather(*(worker(w) for w in range(share)))
-    else:
-        # Global schedule slot g is due at t0 + g/rate; this process sends slots part, part+parts, ...
+    async def open_loop(self) -> None:
+        """Global schedule slot g is due at t0 + g/rate; this process sends slots part, part+parts, ..."""
+        step = self.step
         slots = int((step.warmup + step.duration) * step.rate)
         if step.max_requests:
             slots = min(slots, step.max_requests)
         sem = asyncio.Semaphore(step.max_outstanding)
-        tasks = []
 
         async def limited(idx: int, call, t_sched: int) -> None:
             async with sem:  # waiting for a slot is part of the latency: it is measured from the schedule
-                await one(idx, call, t_sched)
+                await self.one(idx, call, t_sched)
 
-        for i, g in enumerate(range(part, slots, parts)):
-            t_sched = t0 + int(g * 1e9 / step.rate)
-            delay = t_sched - clock()
+        tasks = []
+        for i, g in enumerate(range(self.part, slots, self.parts)):
+            t_sched = self.t0 + int(g * 1e9 / step.rate)
+            delay = t_sched - self.clock()
             if delay > 0:
                 await asyncio.sleep(delay / 1e9)
-            lag_ns = max(lag_ns, clock() - t_sched)
-            tasks.append(asyncio.create_task(limited((first + i) % n_req, calls[i % n_channels], t_sched)))
+            self.lag_ns = max(self.lag_ns, self.clock() - t_sched)
+            idx = (self.next_image + i) % len(self.requests)
+            tasks.append(asyncio.create_task(limited(idx, self.calls[i % len(self.calls)], t_sched)))
         await asyncio.gather(*tasks)
 
-    finished = clock()
-    if not sampler.done():
-        cpu_marks["end"], cpu_marks["end_wall"] = time.process_time(), time.perf_counter()
-        sampler.cancel()
-        cpu_marks.setdefault("start", cpu_marks["end"])
-        cpu_marks.setdefault("start_wall", cpu_marks["end_wall"])
-    await asyncio.gather(*(ch.close() for ch in channels))
+    async def streams(self) -> None:
+        step, n = self.step, len(self.channels)
+        if step.window:  # streams of `window` in flight each, taking the connections in turn
+            slots = [min(step.window, self.share - k) for k in range(0, self.share, step.window)]
+        else:  # one stream per connection
+            slots = [self.share // n + (i < self.share % n) for i in range(n)]
+        await asyncio.gather(*(_Stream(self, self.channels[i % n]).run(k) for i, k in enumerate(slots) if k))
 
-    correct = answered = 0
-    for idx, resp in kept:
-        correct += correct_answers(resp, labels[idx]) if isinstance(resp, bytes) else _correct(resp, labels[idx])
-        answered += len(labels[idx])
-    return {
-        "starts": np.array(starts, dtype=np.int64) - t0,
-        "lats": np.array(lats, dtype=np.int64),
-        "codes": codes,
-        "warm_end": warm_end - t0,
-        "end": end - t0,
-        "finished": finished - t0,
-        "cpu_s": cpu_marks["end"] - cpu_marks["start"],
-        "cpu_wall_s": cpu_marks["end_wall"] - cpu_marks["start_wall"],
-        "correct": correct,
-        "answered": answered,
-        "max_lag_ns": lag_ns,
-    }
+    def result(self, finished: int) -> dict:
+        correct = answered = 0
+        for idx, resp in self.kept:
+            labels = self.labels[idx]
+            correct += correct_answers(resp, labels) if isinstance(resp, bytes) else _correct(resp, labels)
+            answered += len(labels)
+        t0, marks = self.t0, self.cpu_marks
+        return {
+            "starts": np.array(self.starts, dtype=np.int64) - t0, "lats": np.array(self.lats, dtype=np.int64),
+            "codes": self.codes, "warm_end": self.warm_end - t0, "end": self.end - t0, "finished": finished - t0,
+            "cpu_s": marks["end"] - marks["start"], "cpu_wall_s": marks["end_wall"] - marks["start_wall"],
+            "correct": correct, "answered": answered, "max_lag_ns": self.lag_ns,
+        }  # fmt: skip
+
+
+class _Stream:
+    """One ModelStreamInfer stream of a part: `slots` requests in flight, matched to their answers by id."""
+
+    def __init__(self, part: _Part, channel) -> None:
+        step = part.step
+        self.part, self.sent, self.seq = part, {}, 0
+        self.call = channel.stream_stream(STREAM_METHOD)(timeout=step.warmup + step.duration + step.timeout + 5)
+
+    async def send(self) -> None:
+        from serving.protos import grpc_service_pb2 as pb
+
+        idx = self.part.take()
+        self.seq += 1
+        key = str(self.seq)
+        self.sent[key] = (self.part.clock(), idx)
+        # Serialized protobufs concatenate as a merge: this sets the request id without re-encoding.
+        await self.call.write(self.part.requests[idx] + pb.ModelInferRequest(id=key).SerializeToString())
+
+    def more(self, now: int) -> bool:
+        return self.part.budget > 0 and now < self.part.end
+
+    async def run(self, slots: int) -> None:
+        import grpc
+
+        part = self.part
+        try:
+            for _ in range(slots):
+                if self.more(part.clock()):
+                    await self.send()
+            while self.sent:
+                if not await self.receive():
+                    break
+            await self.call.done_writing()
+        except grpc.aio.AioRpcError as exc:
+            code = exc.code().name
+        else:
+            code = "UNAVAILABLE"  # the server ended the stream with requests unanswered
+        for t_ref, idx in self.sent.values():
+            part.record(t_ref, part.clock(), code, idx, None)
+
+    async def receive(self) -> bool:
+        """One answer (and the next request sent in its place); False when the server ended the stream."""
+        import grpc
+
+        from serving.protos import grpc_service_pb2 as pb
+
+        raw = await self.call.read()
+        if raw is grpc.aio.EOF:
+            return False
+        done = self.part.clock()
+        resp = pb.ModelStreamInferResponse.FromString(raw)
+        t_ref, idx = self.sent.pop(resp.infer_response.id)
+        error = resp.error_message
+        self.part.record(
+            t_ref, done, error.split(":", 1)[0] if error else "OK", idx, None if error else resp.infer_response
+        )
+        if self.more(done):
+            await self.send()
+        return True
+
+
+async def _run_async(target: str, step: Step, requests, labels, part: int, parts: int, start_at: float) -> dict:
+    """Run this process's share of a step; returns raw samples (times in ns on this process's clock)."""
+    me = _Part(target, step, requests, labels, part, parts)
+    if me.share == 0:
+        return _empty()
+    if not await me.connect():
+        return {**_empty(), "errors": {"UNAVAILABLE": 1}, "connect_failed": True}
+    return await me.run(start_at)
 
 
 def _share(step: Step, part: int, parts: int) -> int:
@@ -339,10 +386,6 @@ def summarize(step: Step, parts: list[dict], client_procs: int) -> dict:
     req_s = done_in_window / window if window > 0 else 0.0
     answered = sum(p["answered"] for p in parts)
     cpu = [100.0 * p["cpu_s"] / p["cpu_wall_s"] if p["cpu_wall_s"] > 0 else 0.0 for p in parts]
-
-    def pct(q: float) -> float | None:
-        return round(float(np.percentile(lat, q)), 4) if lat.size else None
-
     result = {
         "step": asdict(step),
         "label": step.label(),
@@ -353,13 +396,7 @@ def summarize(step: Step, parts: list[dict], client_procs: int) -> dict:
         "window_s": round(window, 3),
         "req_per_s": round(req_s, 1),
         "img_per_s": round(req_s * step.batch, 1),
-        "latency_ms": {
-            "p50": pct(50),
-            "p90": pct(90),
-            "p99": pct(99),
-            "max": round(float(lat.max()), 4) if lat.size else None,
-            "mean": round(float(lat.mean()), 4) if lat.size else None,
-        },  # fmt: skip
+        "latency_ms": latency_summary(lat),
         "accuracy": round(sum(p["correct"] for p in parts) / answered, 5) if answered else None,
         "answered_images": answered,
         "client_procs": client_procs,
@@ -369,6 +406,14 @@ def summarize(step: Step, parts: list[dict], client_procs: int) -> dict:
     if step.mode == "open":
         result["max_send_lag_ms"] = round(max(p["max_lag_ns"] for p in parts) / 1e6, 3)
     return result
+
+
+def latency_summary(lat: np.ndarray) -> dict:
+    """p50/p90/p99/max/mean of latencies in ms (None each when there are none)."""
+    if not lat.size:
+        return dict.fromkeys(("p50", "p90", "p99", "max", "mean"))
+    out = {f"p{q}": round(float(np.percentile(lat, q)), 4) for q in (50, 90, 99)}
+    return {**out, "max": round(float(lat.max()), 4), "mean": round(float(lat.mean()), 4)}
 
 
 def _cell(result: dict, key: str, spec: str) -> str:

@@ -313,7 +313,7 @@ def report(server: Server, prom: Prometheus, traffic: Traffic, questions: dict, 
     print("\n(server-side latency is decode to encode inside the server; the client adds gRPC and Python time)")
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model-repository", type=Path, default=ROOT / "model_repository")
     parser.add_argument("--data-dir", type=Path, default=ROOT / "data")
@@ -323,9 +323,49 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--canary-images", type=int, default=1000)
     parser.add_argument("--prometheus", default="prometheus", help="the Prometheus server binary")
     parser.add_argument("--json", type=Path, help="also write every number (and the client latencies) here")
-    args = parser.parse_args(argv)
-    args.model_repository, args.data_dir = args.model_repository.resolve(), args.data_dir.resolve()
+    return parser
 
+
+def _test_accuracy(repository: Path) -> float | None:
+    """The recorded test accuracy of the version the demo's unversioned requests reach."""
+    try:
+        metadata = find_model(repository, MODEL).parent / "metadata.json"
+        return json.loads(metadata.read_text()).get("test_accuracy")
+    except FileNotFoundError:
+        return None
+
+
+def _demo(server: Server, prom: Prometheus, data, args, test_accuracy: float | None) -> None:
+    """Traffic, then what Prometheus says of it, reported (and written to --json)."""
+    # Traffic starts only once Prometheus holds the all-zero series: rate() then sees all of it.
+    _wait("first scrape", lambda: prom.query(f"{DURATION}_count"), 20, prom.proc, prom.log)
+    sizes = [int(s) for s in args.batch_sizes.split(",")]
+    traffic = send_traffic(server.url, data.x_test, data.y_test, args.seconds, sizes, args.max_images)
+
+    def scraped_everything() -> bool:
+        labelled = prom.value('sum(mnist_serving_feedback_total{outcome=~"correct|incorrect"})')
+        return (
+            prom.value('sum(mnist_serving_requests_total{code="OK"})') == traffic.requests
+            and labelled == traffic.labelled
+            and bool(prom.query(f'mnist_serving_canary_accuracy{{version="{traffic.version}"}}'))
+        )
+
+    _wait("the scrape after the traffic", scraped_everything, 20, prom.proc, prom.log)
+    questions, answers = ask_prometheus(prom, traffic)
+    report(server, prom, traffic, questions, answers, test_accuracy)
+    if args.json:
+        result = {
+            "client": asdict(traffic) | {"labelled": traffic.labelled},
+            "prometheus": answers,
+            "promql": questions,
+            "server": {"test_accuracy": test_accuracy, "canary_images": args.canary_images},
+        }
+        args.json.write_text(json.dumps(result, indent=1))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    args.model_repository, args.data_dir = args.model_repository.resolve(), args.data_dir.resolve()
     binary = shutil.which(args.prometheus)
     if binary is None:
         sys.stderr.write("prometheus not found: `make prometheus-bin` (Debian package prometheus)\n")
@@ -333,42 +373,14 @@ def main(argv: list[str] | None = None) -> int:
     from training.data import load_mnist
 
     data = load_mnist(args.data_dir)
-    try:  # the version the demo's unversioned requests reach
-        metadata = find_model(args.model_repository, MODEL).parent / "metadata.json"
-        test_accuracy = json.loads(metadata.read_text()).get("test_accuracy")
-    except FileNotFoundError:
-        test_accuracy = None
-    sizes = [int(s) for s in args.batch_sizes.split(",")]
-
+    test_accuracy = _test_accuracy(args.model_repository)
     with tempfile.TemporaryDirectory(prefix="metrics-demo-") as tmp:
         workdir = Path(tmp)
         server = prom = None
         try:
             server = Server(args, workdir)
             prom = Prometheus(binary, workdir, f"127.0.0.1:{server.metrics_port}")
-            # Traffic starts only once Prometheus holds the all-zero series: rate() then sees all of it.
-            _wait("first scrape", lambda: prom.query(f"{DURATION}_count"), 20, prom.proc, prom.log)
-            traffic = send_traffic(server.url, data.x_test, data.y_test, args.seconds, sizes, args.max_images)
-
-            def scraped_everything() -> bool:
-                labelled = prom.value('sum(mnist_serving_feedback_total{outcome=~"correct|incorrect"})')
-                return (
-                    prom.value('sum(mnist_serving_requests_total{code="OK"})') == traffic.requests
-                    and labelled == traffic.labelled
-                    and bool(prom.query(f'mnist_serving_canary_accuracy{{version="{traffic.version}"}}'))
-                )
-
-            _wait("the scrape after the traffic", scraped_everything, 20, prom.proc, prom.log)
-            questions, answers = ask_prometheus(prom, traffic)
-            report(server, prom, traffic, questions, answers, test_accuracy)
-            if args.json:
-                result = {
-                    "client": asdict(traffic) | {"labelled": traffic.labelled},
-                    "prometheus": answers,
-                    "promql": questions,
-                    "server": {"test_accuracy": test_accuracy, "canary_images": args.canary_images},
-                }
-                args.json.write_text(json.dumps(result, indent=1))
+            _demo(server, prom, data, args, test_accuracy)
         finally:
             if prom is not None:
                 prom.stop()

@@ -203,7 +203,11 @@ def soak(args: argparse.Namespace) -> dict:
     for labels, value in internal:
         if not value == 0:  # NaN: /metrics could not be read
             load._error("internal", f"mnist_serving_requests_total{labels} {value}")
+    return _result(args, load, samples, started, exit_code)
 
+
+def _result(args: argparse.Namespace, load: Soak, samples: list, started: float, exit_code: int) -> dict:
+    """The soak's figures: errors, memory (start, after warm-up, end, growth) and first vs last window."""
     window = min(60.0, args.duration_s / 3)  # "first minute vs last minute", shorter for short soaks
     end = started + args.duration_s
     first, last = (
@@ -212,7 +216,7 @@ def soak(args: argparse.Namespace) -> dict:
     )
     warm = next((rss for t, rss, _ in samples if t >= started + window), samples[-1][1])
     rss = [r for _, r, _ in samples]
-    result = {
+    return {
         "duration_s": args.duration_s,
         "concurrency": args.concurrency,
         "requests": sum(load.counts.values()),
@@ -233,7 +237,6 @@ def soak(args: argparse.Namespace) -> dict:
         "server_cpu_ms_per_inference_last": _cpu_per_inference(samples, load.latencies, end - window, end),
         "server_exit_code": exit_code,
     }
-    return result
 
 
 def main(argv: list[str] | None = None) -> int:

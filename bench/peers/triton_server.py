@@ -23,25 +23,34 @@ from pytriton.triton import Triton, TritonConfig, TritonLifecyclePolicy
 MAX_BATCH_SIZE = 1024
 
 
-def main() -> int:
+def _args() -> argparse.Namespace:
     p = argparse.ArgumentParser()
     p.add_argument("--model-onnx", required=True)
     p.add_argument("--grpc-port", type=int, required=True)
     p.add_argument("--http-port", type=int, required=True)
     p.add_argument("--metrics-port", type=int, required=True)
     p.add_argument("--workspace", type=Path, required=True, help="created afresh (PyTriton refuses an existing one)")
-    a = p.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return p.parse_args()
 
+
+def _infer_function(model_onnx: str):
+    """The model on onnxruntime CPU, one intra-op thread, as PyTriton's batched inference function."""
     options = ort.SessionOptions()
     options.intra_op_num_threads = 1
-    session = ort.InferenceSession(a.model_onnx, sess_options=options, providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(model_onnx, sess_options=options, providers=["CPUExecutionProvider"])
 
     @batch
     def infer(**inputs: np.ndarray) -> dict[str, np.ndarray]:
         x = inputs["input"].astype(np.float32, copy=False).reshape(-1, 784)
         return {"probabilities": session.run(None, {"input": x})[0]}
 
+    return infer
+
+
+def main() -> int:
+    a = _args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    infer = _infer_function(a.model_onnx)
     shutil.rmtree(a.workspace, ignore_errors=True)
     a.workspace.parent.mkdir(parents=True, exist_ok=True)
     config = TritonConfig(

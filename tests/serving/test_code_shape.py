@@ -97,3 +97,43 @@ def test_only_the_telemetry_module_writes_metrics():
     assert importers == {"telemetry", "lifecycle"}
     lifecycle = {m for m in _imports("lifecycle") if m.startswith("serving.metrics")}
     assert lifecycle == {"serving.metrics", "serving.metrics.start_metrics_server"}
+
+
+def _tracked(folder: str) -> list[Path]:
+    """The Python files of a folder that git tracks (not what a benchmark run left in bench/results)."""
+    import subprocess
+
+    root = SERVING.parent
+    listed = subprocess.run(["git", "ls-files", "--", f"{folder}/*.py"], cwd=root, capture_output=True, text=True)
+    if listed.returncode == 0 and listed.stdout.strip():
+        return [root / line for line in listed.stdout.split()]
+    return [p for p in (root / folder).rglob("*.py") if "results" not in p.parts]  # an export without .git
+
+
+def test_no_function_in_bench_or_scripts_is_longer_than_50_lines():
+    """bench/ and scripts/ are held to serving's bar."""
+    files = _tracked("bench") + _tracked("scripts")
+    assert len(files) > 15
+    long = [
+        f"{p.relative_to(SERVING.parent)}:{fn.name}: {fn.end_lineno - fn.lineno + 1} lines"
+        for p in files
+        for fn in _functions(ast.parse(p.read_text()))
+        if fn.end_lineno - fn.lineno + 1 > 50
+    ]
+    assert not long
+
+
+def test_metrics_are_read_by_one_parser():
+    """/metrics text is parsed in one place (bench/metrics_text.py, prometheus_client's parser): no script, benchmark
+    or test reads series by hand."""
+    root = SERVING.parent
+    files = _tracked("bench") + _tracked("scripts") + _tracked("tests")
+    by_hand = []
+    for p in files:
+        text = p.read_text()
+        if p.name not in ("metrics_text.py", "test_code_shape.py") and "text_string_to_metric_families" in text:
+            by_hand.append(f"{p.relative_to(root)}: its own parser")
+        for needle in ('startswith("mnist_serving', "startswith('mnist_serving", 'startswith(("mnist_serving'):
+            if needle in text and p.name != "test_code_shape.py":
+                by_hand.append(f"{p.relative_to(root)}: {needle}")
+    assert not by_hand
