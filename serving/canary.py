@@ -56,7 +56,7 @@ class Canary:
     async def evaluate(self, mv: ModelVersion) -> float:
         golden = self.golden
         assert golden is not None
-        step = self.settings.max_batch_size
+        step = mv.settings.max_batch_size  # the version's own limit
         chunks = []
         for lo in range(0, golden.labels.size, step):
             chunks.append((await mv.batcher.infer(golden.images[lo : lo + step], client=False)).probs)

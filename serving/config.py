@@ -1,13 +1,14 @@
-"""Server settings: one class, read from SERVING_* environment variables and mapped from CLI flags."""
+"""The settings: the server's (one class, read from SERVING_* environment variables and mapped from CLI flags) and
+a model's (ModelSettings: what may differ between models, the flags being every model's defaults)."""
 
 from __future__ import annotations
 
 import argparse
 import re
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from serving.contract import IMAGE_PIXELS
@@ -17,6 +18,14 @@ _MESSAGE_OVERHEAD_BYTES = 1 << 20
 # Poll mode's rescan period when none is given (Triton's --repository-poll-secs default).
 DEFAULT_POLL_INTERVAL_S = 15.0
 _HEADER_NAME = re.compile(r"[a-z0-9][a-z0-9._-]*")
+
+
+def _check_policy(value: str) -> str:
+    parse_version_policy(value)
+    return value
+
+
+VersionPolicy = Annotated[str, AfterValidator(_check_policy)]  # 'latest:N', 'all' or 'specific:V[,V...]'
 
 
 class Settings(BaseSettings):
@@ -120,7 +129,7 @@ class Settings(BaseSettings):
     max_message_bytes: int = Field(
         0, ge=0, description="gRPC message limit; 0 sizes it for a max_batch_size FP32 request."
     )
-    version_policy: str = Field(
+    version_policy: VersionPolicy = Field(
         "latest:2",
         description="Versions to serve per model: 'latest:N' (the newest N that load), 'all', or 'specific:1,3'.",
     )
@@ -177,12 +186,6 @@ class Settings(BaseSettings):
         "uvloop", description="The event loop gRPC runs on: uvloop (less CPU per request) or asyncio's own."
     )
 
-    @field_validator("version_policy")
-    @classmethod
-    def _check_policy(cls, value: str) -> str:
-        parse_version_policy(value)
-        return value
-
     @model_validator(mode="after")
     def _derive(self) -> Settings:
         if self.max_message_bytes == 0:
@@ -191,9 +194,7 @@ class Settings(BaseSettings):
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ValueError("tls_cert and tls_key must be given together")
         self._derive_model_control()
-        if self.cuda_graphs and self.instance_count > 1:
-            # onnxruntime keeps CUDA graphs per thread and runs a graph-capturing session from one thread only.
-            raise ValueError("cuda_graphs needs instance_count 1 (CUDA graphs are captured and replayed per thread)")
+        ModelSettings.within(self)  # the flags are every model's defaults: they obey the per-model rules too
         return self
 
     def _derive_model_control(self) -> None:
@@ -280,6 +281,38 @@ GROUPS: dict[str, tuple[str, ...]] = {
     ),
     "drain": ("drain_delay_s", "grace_period_s", "max_connection_age_s", "max_connection_age_grace_s"),
 }  # fmt: skip
+
+
+class ModelSettings(BaseModel):
+    """What may differ between models (Triton's ModelConfig fields this server honours), validated wherever it is
+    made: from the flags (every model's defaults), a model folder's config file or a load's config
+    (serving/model_settings.py makes them from those). The server's settings are the limits it is checked against."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    max_batch_size: int = Field(ge=1)
+    max_queue_delay_us: int = Field(ge=0)
+    instance_count: int = Field(ge=1)
+    version_policy: VersionPolicy
+
+    @model_validator(mode="after")
+    def _within_server(self, info: ValidationInfo) -> ModelSettings:
+        server: Settings = info.context["server"]
+        if self.max_batch_size > server.max_batch_size:
+            raise ValueError(
+                f"max_batch_size {self.max_batch_size} exceeds the server's {server.max_batch_size} "
+                "(it sizes the gRPC message limit)"
+            )
+        if server.cuda_graphs and self.instance_count > 1:
+            # onnxruntime keeps CUDA graphs per thread and runs a graph-capturing session from one thread only.
+            raise ValueError("cuda_graphs needs instance_count 1 (CUDA graphs are captured and replayed per thread)")
+        return self
+
+    @classmethod
+    def within(cls, server: Settings, **given: object) -> ModelSettings:
+        """The server's defaults with what `given` sets; ValidationError naming the field otherwise."""
+        values = {name: getattr(server, name) for name in cls.model_fields} | given
+        return cls.model_validate(values, context={"server": server})
 
 
 def flag(name: str) -> str:

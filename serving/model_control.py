@@ -13,7 +13,7 @@ from pathlib import Path
 from serving.config import Settings, parse_control_header
 from serving.discovery import is_version
 from serving.errors import InvalidInput, ModelControlOff, ModelNotFound, PermissionDenied
-from serving.model_settings import apply, parse_json
+from serving.model_settings import from_json
 from serving.protos import grpc_service_pb2 as pb
 from serving.repository import ModelRepository
 
@@ -50,11 +50,6 @@ def load_options(parameters: Mapping[str, pb.ModelRepositoryParameter]) -> LoadO
     if files and config is None:
         raise InvalidInput("a load with 'file:' parameters needs the 'config' parameter too (as Triton requires)")
     return LoadOptions(config, files)
-
-
-def model_settings(name: str, config: str, base: Settings) -> Settings:
-    """The settings a model loads with, from a Triton ModelConfig as JSON (unset fields keep `base`)."""
-    return apply(name, parse_json(config), base)
 
 
 def write_files(name: str, files: Mapping[str, bytes]) -> tuple[Path, dict[int, Path]]:
@@ -108,7 +103,7 @@ class ModelControl:
         """Load (or reload) `name`: from the repository, or from the load's files; with its `config` if any."""
         if not name:
             raise InvalidInput("RepositoryModelLoad needs a model_name")
-        settings = model_settings(name, options.config, self.settings) if options.config is not None else None
+        settings = from_json(name, options.config, self.settings) if options.config is not None else None
         upload = None
         if options.files:
             upload, versions = write_files(name, options.files)

@@ -1,5 +1,6 @@
-"""Per-model settings as Triton states them: a ModelConfig (`config.pbtxt` in the model's folder, `config.json`, or
-a RepositoryModelLoad's `config` parameter) applied over the server's flags, which stay the defaults.
+"""Where a model's settings (serving.config.ModelSettings) are made: from a Triton ModelConfig (`config.pbtxt` in the
+model's folder, `config.json`, or a RepositoryModelLoad's `config` parameter) over the server's flags, which stay the
+defaults, or from the flags alone.
 
 Settable: max_batch_size (up to the server's, which sizes the gRPC message limit), version_policy,
 instance_group counts (execution threads) and dynamic_batching's max_queue_delay_microseconds. The name,
@@ -11,9 +12,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from google.protobuf import json_format, text_format
+from pydantic import ValidationError
 
 from serving import codec
-from serving.config import Settings
+from serving.config import ModelSettings, Settings
 from serving.errors import InvalidInput
 from serving.protos import model_config_pb2 as mc
 
@@ -23,14 +25,21 @@ _SETTABLE = {"name", "platform", "backend", "max_batch_size", "version_policy", 
 _INTERFACE = {"input", "output", "parameters"}
 
 
-def parse_json(config: str) -> mc.ModelConfig:
+def defaults(server: Settings) -> ModelSettings:
+    """A model's settings when nothing but the flags sets them."""
+    return ModelSettings.within(server)
+
+
+def from_json(name: str, config: str, server: Settings) -> ModelSettings:
+    """A load's `config` parameter: a Triton ModelConfig as JSON; InvalidInput naming what is wrong."""
     try:
-        return json_format.Parse(config, mc.ModelConfig())
+        parsed = json_format.Parse(config, mc.ModelConfig())
     except json_format.ParseError as exc:
         raise InvalidInput(f"'config' is not a ModelConfig in JSON: {exc}") from None
+    return from_config(name, parsed, server)
 
 
-def from_file(model_dir: Path, name: str, base: Settings) -> Settings | None:
+def from_file(model_dir: Path, name: str, server: Settings) -> ModelSettings | None:
     """The settings in the model folder's config.pbtxt or config.json, or None when it has neither;
     InvalidInput naming the file when it is not a valid ModelConfig for this server."""
     for filename in CONFIG_FILES:
@@ -39,15 +48,16 @@ def from_file(model_dir: Path, name: str, base: Settings) -> Settings | None:
             continue
         try:
             text = path.read_text()
-            parsed = parse_json(text) if filename.endswith(".json") else text_format.Parse(text, mc.ModelConfig())
-            return apply(name, parsed, base)
+            if filename.endswith(".json"):
+                return from_json(name, text, server)
+            return from_config(name, text_format.Parse(text, mc.ModelConfig()), server)
         except (OSError, UnicodeDecodeError, text_format.ParseError, InvalidInput) as exc:
             raise InvalidInput(f"{path}: {exc}") from None
     return None
 
 
-def apply(name: str, config: mc.ModelConfig, base: Settings) -> Settings:
-    """`base` with what `config` sets for model `name` (unset fields keep `base`)."""
+def from_config(name: str, config: mc.ModelConfig, server: Settings) -> ModelSettings:
+    """The flags with what `config` sets for model `name` (unset fields keep the flags')."""
     given = {f.name for f, _ in config.ListFields()}
     unsupported = sorted(given - _SETTABLE - _INTERFACE)
     if unsupported:
@@ -59,21 +69,22 @@ def apply(name: str, config: mc.ModelConfig, base: Settings) -> Settings:
     _check_interface(config)
     update: dict = {}
     if config.max_batch_size:
-        if config.max_batch_size > base.max_batch_size:
-            raise InvalidInput(
-                f"'config' max_batch_size {config.max_batch_size} exceeds the server's {base.max_batch_size} "
-                "(it sizes the gRPC message limit)"
-            )
         update["max_batch_size"] = config.max_batch_size
     if config.HasField("version_policy"):
         update["version_policy"] = _version_policy(config.version_policy)
     if config.instance_group:
         update["instance_count"] = sum(g.count or 1 for g in config.instance_group)
-        if base.cuda_graphs and update["instance_count"] > 1:
-            raise InvalidInput("'config' instance count > 1 with --cuda-graphs (graphs are captured per thread)")
     if config.HasField("dynamic_batching"):
         update["max_queue_delay_us"] = config.dynamic_batching.max_queue_delay_microseconds
-    return base.model_copy(update=update)
+    try:
+        return ModelSettings.within(server, **update)
+    except ValidationError as exc:  # the field and the reason, as the flags' errors say them
+        raise InvalidInput("; ".join(_describe(e) for e in exc.errors())) from None
+
+
+def _describe(error) -> str:
+    where = " ".join(str(p) for p in error["loc"])
+    return "'config' " + (where + ": " if where else "") + error["msg"].removeprefix("Value error, ")
 
 
 def _version_policy(policy: mc.ModelVersionPolicy) -> str:

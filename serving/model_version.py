@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 from serving.batcher import Batcher
-from serving.config import Settings
+from serving.config import ModelSettings, Settings
 from serving.errors import ModelLoadError
 from serving.golden import TOLERANCE, accuracy, load_golden_set, short_of_recorded
 from serving.runtime import CPU, OnnxModel
@@ -21,30 +21,31 @@ log = logging.getLogger(__name__)
 class ModelVersion:
     """A loaded, warmed-up model version: its settings, metadata, onnxruntime sessions, batcher and telemetry."""
 
-    def __init__(self, name: str, version: int, directory: Path, settings: Settings) -> None:
+    def __init__(self, name: str, version: int, directory: Path, settings: ModelSettings, server: Settings) -> None:
+        """`settings`: this model's (batch size, queue delay, instances, policy); `server`: everything else."""
         started = time.perf_counter()
         self.name, self.version, self.directory = name, str(version), directory
         self.settings = settings
         self.metadata = _read_metadata(directory)
-        self.model = OnnxModel(directory / "model.onnx", settings)
+        self.model = OnnxModel(directory / "model.onnx", server, instances=settings.instance_count)
         self.provider = self.model.provider
-        self.telemetry = VersionTelemetry(name, self.version, settings.accuracy_window)
+        self.telemetry = VersionTelemetry(name, self.version, server.accuracy_window)
         self.batcher = Batcher(
             self.model.run,
             self.telemetry,
             max_batch_size=settings.max_batch_size,
             max_queue_delay_us=settings.max_queue_delay_us,
-            max_queue_images=settings.max_queue_images,
+            max_queue_images=server.max_queue_images,
             instances=settings.instance_count,
             name=f"{name}-{version}",
-            inline_images=settings.inline_max_images if self.provider == CPU and not self.model.bound else 0,
+            inline_images=server.inline_max_images if self.provider == CPU and not self.model.bound else 0,
         )
         try:
-            # On an execution thread of this version: with CUDA graphs (one instance, see Settings) the graphs
+            # On an execution thread of this version: with CUDA graphs (one instance, see ModelSettings) the graphs
             # are captured on the thread that replays them.
             self.batcher.call(lambda: self.model.warm_up(settings.max_batch_size))
-            if settings.verify_on_load:
-                self.batcher.call(lambda: _verify_accuracy(self.model, self.metadata, settings.data_dir))
+            if server.verify_on_load:
+                self.batcher.call(lambda: _verify_accuracy(self.model, self.metadata, server.data_dir))
         except BaseException:
             self.batcher.close()
             raise

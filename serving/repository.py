@@ -11,17 +11,24 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from serving import telemetry
-from serving.config import Settings
+from serving import model_settings, telemetry
+from serving.config import ModelSettings, Settings
 from serving.discovery import is_version, policy_candidates, scan
 from serving.errors import InvalidInput, ModelLoadFailed, ModelNotFound, ModelNotReady, StartupError
-from serving.model_settings import from_file as settings_from_file
 from serving.model_version import ModelVersion
 
 log = logging.getLogger(__name__)
 
-# Loads one version: (model name, version, its folder, settings) -> a ModelVersion (ModelLoadError when it cannot).
-VersionFactory = Callable[[str, int, Path, Settings], ModelVersion]
+# Loads one version: (model name, version, its folder, its settings, the server's) -> a ModelVersion (ModelLoadError
+# when it cannot).
+VersionFactory = Callable[[str, int, Path, ModelSettings, Settings], ModelVersion]
+
+
+class _Keep:
+    """settings_of's default: the settings a model has now."""
+
+
+KEEP = _Keep()
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,8 +50,8 @@ class ModelRepository:
         self.root = settings.model_repository
         self.models: dict[str, dict[int, ModelVersion]] = {}
         self.failed: dict[tuple[str, int], str] = {}
-        # Explicit model control: per-model settings given with a load, models being loaded, models unloaded.
-        self.model_settings: dict[str, Settings] = {}
+        # Explicit model control: settings given with a model's load, models being loaded, models unloaded.
+        self.given: dict[str, ModelSettings] = {}
         self.bad_config: set[str] = set()  # models whose config.pbtxt / config.json was refused
         self.loading: set[str] = set()
         self.unloaded: set[str] = set()
@@ -88,16 +95,20 @@ class ModelRepository:
         """The models and versions in the repository now (see scan)."""
         return scan(self.root, self.settings.model_name) if self.root.is_dir() else {}
 
-    def settings_for(self, name: str) -> Settings:
-        """The settings a model's versions load with: those given with its explicit load, else its folder's
-        config.pbtxt / config.json over the server's flags, else the flags. InvalidInput for a bad file."""
-        if name in self.model_settings:
-            return self.model_settings[name]
-        return self.folder_settings(name)
+    def settings_of(self, name: str, given: ModelSettings | None | _Keep = KEEP) -> ModelSettings:
+        """The settings `name`'s versions load with: `given` (with a load); None: its folder's config.pbtxt /
+        config.json over the server's flags, else the flags; KEEP: what it has (those given with its last explicit
+        load, else the folder's). InvalidInput for a bad file."""
+        if isinstance(given, _Keep):
+            given = self.given.get(name)
+        if given is not None:
+            return given
+        return model_settings.from_file(self._model_dir(name), name, self.settings) or self.defaults
 
-    def folder_settings(self, name: str) -> Settings:
-        """The model folder's config.pbtxt / config.json over the server's flags, else the flags."""
-        return settings_from_file(self._model_dir(name), name, self.settings) or self.settings
+    @property
+    def defaults(self) -> ModelSettings:
+        """A model's settings when only the flags set them."""
+        return model_settings.defaults(self.settings)
 
     def _model_dir(self, name: str) -> Path:
         """A model's folder: `<repository>/<name>`, or the repository itself when it is one model's folder."""
@@ -136,13 +147,13 @@ class ModelRepository:
         if self.root.is_dir():
             await self._sync(self.on_disk())
 
-    async def load(self, name: str, versions: dict[int, Path], settings: Settings | None = None) -> None:
+    async def load(self, name: str, versions: dict[int, Path], settings: ModelSettings | None = None) -> None:
         """Explicit load of one model from `versions` (its folders on disk, or files sent with the load), with
         `settings` (None: its folder's config file, else the flags): new versions load and are verified as at
         start-up, then replace what the version policy no longer wants (drained first). All or nothing: if a
         version fails, every version loaded by this call is unloaded again, the model serves what it served before,
         and ModelLoadFailed."""
-        chosen = settings or self.folder_settings(name)
+        chosen = self.settings_of(name, settings)
         if not policy_candidates(versions, chosen)[0]:
             have = ", ".join(str(v) for v in sorted(versions)) or "none"
             raise ModelLoadFailed(
@@ -170,7 +181,7 @@ class ModelRepository:
             for version, mv in sorted((loaded or {}).items()):
                 log.info("unloading model %s version %d (RepositoryModelUnload)", name, version)
                 await mv.unload()
-            self.model_settings.pop(name, None)
+            self.given.pop(name, None)
             self.failed = {k: v for k, v in self.failed.items() if k[0] != name}
             self.unloaded.add(name)
 
@@ -191,7 +202,7 @@ class ModelRepository:
         found: dict[str, dict[int, Path]],
         scope: set[str] | None = None,
         atomic: bool = False,
-        settings: dict[str, Settings | None] | None = None,
+        settings: dict[str, ModelSettings | None] | None = None,
     ) -> dict[tuple[str, int], str]:
         """Load what `found` and the version policy want, unload the rest, for the models in `scope` (None:
         every model). `settings` replaces models' settings (a None value: back to the folder's file or the flags)
@@ -206,9 +217,9 @@ class ModelRepository:
             await self._unload_unwanted(found, change, refused, scope)
             for name, given in settings.items():
                 if name not in refused and given is not None:
-                    self.model_settings[name] = given
+                    self.given[name] = given
                 elif name not in refused:
-                    self.model_settings.pop(name, None)
+                    self.given.pop(name, None)
             self.failed = {
                 k: v
                 for k, v in self.failed.items()
@@ -216,17 +227,14 @@ class ModelRepository:
             }
             return change.failures
 
-    def _chosen_settings(self, name: str, settings: dict[str, Settings | None]) -> Settings:
-        """What `name` loads with in this sync: the settings given for it (None: its folder's file or the flags),
-        else what it had."""
-        return (settings[name] or self.folder_settings(name)) if name in settings else self.settings_for(name)
-
-    async def _load_wanted(self, found, settings: dict[str, Settings | None], atomic: bool, change: _Change) -> None:
+    async def _load_wanted(
+        self, found, settings: dict[str, ModelSettings | None], atomic: bool, change: _Change
+    ) -> None:
         """Load the versions the policy wants that are not loaded yet, or loaded with other settings (one bad
         version does not stop the others, unless `atomic`)."""
         for name, versions in found.items():
             try:
-                chosen = self._chosen_settings(name, settings)
+                chosen = self.settings_of(name, settings.get(name, KEEP))
             except InvalidInput as exc:  # the model's config file: every version refused, with the reason
                 for version in versions:
                     self._refuse(name, version, str(exc), change.failures)
@@ -255,11 +263,11 @@ class ModelRepository:
                 elif atomic:
                     break
 
-    async def _load_version(self, name: str, version: int, path: Path, chosen: Settings, change: _Change) -> bool:
+    async def _load_version(self, name: str, version: int, path: Path, chosen: ModelSettings, change: _Change) -> bool:
         """Load one version (verified as at start-up) and put it in place; the one it replaces is kept in
         `change` to be drained. False, with the failure recorded, when it does not load."""
         try:
-            mv = await asyncio.to_thread(self.version_factory, name, version, path, chosen)
+            mv = await asyncio.to_thread(self.version_factory, name, version, path, chosen, self.settings)
         except Exception as exc:  # one bad version must not take the good ones down
             self._refuse(name, version, str(exc), change.failures)
             return False

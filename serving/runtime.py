@@ -115,16 +115,17 @@ def uses_io_binding(settings: Settings, provider: str) -> bool:
     return on_cuda and (settings.io_binding == "auto" or settings.cuda_graphs)
 
 
-def intra_op_threads(settings: Settings) -> int:
+def intra_op_threads(settings: Settings, instances: int | None = None) -> int:
     """Threads per session: as set, else the cores left once each worker's event loop has one, shared by the
-    workers' execution threads (at least 1)."""
+    workers' execution threads (`instances` per worker: the model's instance count, by default the flag's; at
+    least 1)."""
     if settings.intra_op_threads:
         return settings.intra_op_threads
     # NOTE: the event loop and gRPC's threads keep a core busy under load; onnxruntime threads beyond the other
     # cores fight them for it (2 cores, c=32 batch 1: 455-464 vs 495-517 us of CPU per request with 2 threads;
     # batch 256 c=2: 150k vs 124k images/s).
     cores = len(os.sched_getaffinity(0))
-    return max(1, (cores - settings.workers) // (settings.workers * settings.instance_count))
+    return max(1, (cores - settings.workers) // (settings.workers * (instances or settings.instance_count)))
 
 
 def with_uint8_input(model_bytes: bytes) -> bytes:
@@ -173,7 +174,9 @@ def session_options(settings: Settings, threads: int) -> ort.SessionOptions:
     return options
 
 
-def create_sessions(graphs: dict[str, bytes], settings: Settings, path: Path) -> dict[str, ort.InferenceSession]:
+def create_sessions(
+    graphs: dict[str, bytes], settings: Settings, path: Path, instances: int | None = None
+) -> dict[str, ort.InferenceSession]:
     """One session per graph, all on the requested providers, with onnxruntime's own fallback off.
 
     onnxruntime's Python layer would otherwise rebuild a session CPU-only when CUDA fails (at load or at a run),
@@ -182,7 +185,7 @@ def create_sessions(graphs: dict[str, bytes], settings: Settings, path: Path) ->
     logged with the cause.
     """
     providers = requested_providers(settings)
-    options = session_options(settings, intra_op_threads(settings))
+    options = session_options(settings, intra_op_threads(settings, instances))
     while True:
         try:
             return {
@@ -228,7 +231,8 @@ def check_placement(by_input: dict[str, dict[str, list[str]]], settings: Setting
 class OnnxModel:
     """One loaded model.onnx: a session for FP32 images and one for UINT8 pixels; `run` is thread-safe."""
 
-    def __init__(self, path: Path, settings: Settings) -> None:
+    def __init__(self, path: Path, settings: Settings, instances: int | None = None) -> None:
+        """`instances`: the execution threads that will run it (the model's instance count; default the flag's)."""
         try:
             model_bytes = path.read_bytes()
         except OSError as exc:
@@ -237,7 +241,7 @@ class OnnxModel:
             uint8_bytes = with_uint8_input(model_bytes)
         except Exception as exc:
             raise ModelLoadError(f"cannot load {path}: its UINT8-input variant cannot be built: {exc}") from exc
-        sessions = create_sessions({"FP32": model_bytes, "UINT8": uint8_bytes}, settings, path)
+        sessions = create_sessions({"FP32": model_bytes, "UINT8": uint8_bytes}, settings, path, instances)
         self.session, self.uint8_session = sessions["FP32"], sessions["UINT8"]
         # Per input, provider -> op types: where onnxruntime really put each node.
         self.placement = {name: placement(session) for name, session in sessions.items()}

@@ -8,7 +8,7 @@ import threading
 import numpy as np
 import pytest
 
-from serving.config import Settings, bucket_sizes, parse_args
+from serving.config import ModelSettings, Settings, bucket_sizes, parse_args
 from serving.iobinding import BoundSession, bucket_for, host_buffer
 from serving.runtime import CPU, CUDA, OnnxModel, uses_io_binding
 from training.data import to_model_input
@@ -142,7 +142,8 @@ async def test_every_run_of_a_version_happens_on_its_execution_thread(trained_re
 
         monkeypatch.setattr(ort.InferenceSession, method, recording)
     settings = Settings(io_binding="on", device="cpu", max_batch_size=64, batch_buckets="1,8")
-    mv = await asyncio.to_thread(ModelVersion, "mnist", 1, trained_repository / "mnist" / "1", settings)
+    path = trained_repository / "mnist" / "1"
+    mv = await asyncio.to_thread(ModelVersion, "mnist", 1, path, ModelSettings.within(settings), settings)
     try:
         loaded = len(threads)
         images = np.zeros((3, 784), dtype=np.float32)

@@ -15,7 +15,8 @@ from serving.client import load_request, replica_targets
 from serving.config import Settings, parse_args
 from serving.discovery import scan
 from serving.errors import InvalidInput, ModelControlOff, ModelLoadFailed, ModelNotFound, PermissionDenied, StartupError
-from serving.model_control import LoadOptions, ModelControl, load_options, model_settings, write_files
+from serving.model_control import LoadOptions, ModelControl, load_options, write_files
+from serving.model_settings import defaults, from_json
 from serving.protos import grpc_service_pb2 as pb
 from serving.repository import IndexEntry, ModelRepository
 
@@ -113,10 +114,10 @@ def test_config_json_sets_this_models_settings():
         "dynamic_batching": {"max_queue_delay_microseconds": 500},
         "input": [{"name": "input", "data_type": "TYPE_FP32", "dims": [784]}],
     }
-    s = model_settings("mnist", json.dumps(config), base)
+    s = from_json("mnist", json.dumps(config), base)
     assert (s.max_batch_size, s.version_policy, s.instance_count, s.max_queue_delay_us) == (64, "specific:1,3", 2, 500)
-    assert model_settings("mnist", '{"version_policy": {"all": {}}}', base).version_policy == "all"
-    assert model_settings("mnist", "{}", base) == base
+    assert from_json("mnist", '{"version_policy": {"all": {}}}', base).version_policy == "all"
+    assert from_json("mnist", "{}", base) == defaults(base)
 
 
 @pytest.mark.parametrize(
@@ -134,7 +135,7 @@ def test_config_json_sets_this_models_settings():
 )
 def test_bad_config_json_is_invalid_input(config, fragment):
     with pytest.raises(InvalidInput, match=fragment):
-        model_settings("mnist", config, explicit(max_batch_size=256))
+        from_json("mnist", config, explicit(max_batch_size=256))
 
 
 def test_a_single_model_layout_is_served_under_the_given_name(tmp_path):

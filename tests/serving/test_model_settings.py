@@ -2,19 +2,21 @@
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 
 import numpy as np
 import pytest
 import tritonclient.grpc as tc
+from pydantic import ValidationError
 from server_process import start_server
 from tritonclient.utils import InferenceServerException
 
 from serving.codec import model_config
-from serving.config import Settings
+from serving.config import ModelSettings, Settings
 from serving.errors import InvalidInput
-from serving.model_settings import from_file
+from serving.model_settings import from_file, from_json
 from serving.repository import IndexEntry, ModelRepository
 
 PBTXT = """
@@ -34,10 +36,39 @@ def test_config_pbtxt_and_json_set_what_triton_users_expect(tmp_path):
     assert (settings.max_batch_size, settings.version_policy, settings.instance_count, settings.max_queue_delay_us) == (
         8, "latest:1", 2, 250,
     )  # fmt: skip
-    assert settings.max_inflight_bytes == base.max_inflight_bytes  # what the file does not set stays the flags'
     (tmp_path / "config.pbtxt").unlink()
     (tmp_path / "config.json").write_text('{"max_batch_size": 16, "dynamic_batching": {}}')
-    assert from_file(tmp_path, "mnist", base).max_batch_size == 16
+    # What the file does not set stays the flags'.
+    assert from_file(tmp_path, "mnist", base) == ModelSettings.within(base, max_batch_size=16)
+    assert from_file(tmp_path, "mnist", base).version_policy == base.version_policy
+
+
+@pytest.mark.parametrize(
+    ("config", "server", "fragment"),
+    [
+        ('{"max_batch_size": -4}', {}, "'config' max_batch_size: Input should be greater than or equal to 1"),
+        ('{"instance_group": [{"count": 2}]}', {"cuda_graphs": True}, "cuda_graphs needs instance_count 1"),
+        ('{"max_batch_size": 64}', {"max_batch_size": 32}, "max_batch_size 64 exceeds the server's 32"),
+    ],
+)
+def test_a_models_settings_are_validated_where_they_are_made(tmp_path, config, server, fragment):
+    """The per-model rules hold for a load's config, a folder's file and the flags alike, naming the field."""
+    base = Settings(model_repository=tmp_path, **server)
+    with pytest.raises(InvalidInput, match=re.escape(fragment)):
+        from_json("mnist", config, base)
+    (tmp_path / "config.json").write_text(config)
+    with pytest.raises(InvalidInput, match=r"config.json: .*" + re.escape(fragment)):
+        from_file(tmp_path, "mnist", base)
+    with pytest.raises(ValidationError):
+        ModelSettings.within(base, **json.loads(config.replace("instance_group", "instance_count")
+                                                .replace('[{"count": 2}]', "2")))  # fmt: skip
+
+
+def test_the_flags_obey_the_per_model_rules():
+    with pytest.raises(ValidationError, match="cuda_graphs needs instance_count 1"):
+        Settings(cuda_graphs=True, instance_count=2)
+    with pytest.raises(ValidationError):  # frozen: a version's settings cannot drift from what it loaded with
+        ModelSettings.within(Settings()).max_batch_size = 8  # type: ignore[misc]
 
 
 @pytest.mark.parametrize(
@@ -177,7 +208,7 @@ async def test_a_reload_that_fails_keeps_the_loaded_version_with_its_settings(re
             await mv.unload()
         control.close()
     assert after is before and after.settings.max_batch_size == 8
-    assert repository.settings_for("mnist").max_batch_size == 8
+    assert repository.settings_of("mnist").max_batch_size == 8
 
 
 async def test_a_rolled_back_reload_leaves_the_old_version_serving_with_its_series(repository_with_config):

@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 
-from serving.config import Settings
+from serving.config import ModelSettings, Settings
 from serving.discovery import versions_in
 from serving.errors import ModelLoadError, ModelLoadFailed
 from serving.model_version import ModelVersion
@@ -22,11 +22,11 @@ class Factory:
         self.refuse: set[int] = set()
         self.made: list[ModelVersion] = []
 
-    def __call__(self, name, version, path, settings) -> ModelVersion:
+    def __call__(self, name, version, path, settings, server) -> ModelVersion:
         self.loads.append((name, version, settings.max_batch_size))
         if version in self.refuse:
             raise ModelLoadError(f"version {version} refused by the test")
-        mv = ModelVersion(name, version, path, settings)
+        mv = ModelVersion(name, version, path, settings, server)
         self.made.append(mv)
         return mv
 
@@ -56,7 +56,7 @@ async def test_a_load_with_one_bad_version_rolls_back_what_it_loaded(repo):
     try:
         with pytest.raises(ModelLoadFailed, match="version 2: version 2 refused.*still serving versions: 1"):
             await repository.load(
-                "mnist", versions_in(repo / "mnist"), settings.model_copy(update={"version_policy": "all"})
+                "mnist", versions_in(repo / "mnist"), ModelSettings.within(settings, version_policy="all")
             )
         assert repository.models["mnist"] == {1: first}  # exactly what it served before
         loaded_then_rolled_back = [mv for mv in factory.made if mv.version in ("2", "3")]
