@@ -88,14 +88,11 @@ class DataPlane:
 
     # ---------------------------------------------------------------- new calls, reading
 
-    def refusing(self) -> bool:
-        """The drain's last phase: a new call is to be held, then refused (`refuse_after_goaway`)."""
-        self.state.last_call = time.monotonic()  # refused calls too: the drain waits for quiet
-        return self.state.refusing
-
     async def refuse_new_call(self, deadline: float | None) -> None:
-        """Let a new call (unary or stream) in, or, in the drain's last phase, hold it and refuse it."""
-        if self.refusing():
+        """Let a new call (unary or stream) in, or, in the drain's last phase, hold it and refuse it
+        (`refuse_after_goaway`)."""
+        self.state.last_call = time.monotonic()  # refused calls too: the drain waits for quiet
+        if self.state.refusing:
             await self.refuse_after_goaway(deadline)
 
     async def refuse_after_goaway(self, deadline: float | None) -> None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from serving.config import Settings, parse_version_policy
+from serving.config import ModelSettings, parse_version_policy
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +44,7 @@ def versions_in(model_dir: Path) -> dict[int, Path]:
     return {int(v.name): v for v in model_dir.iterdir() if is_version(v.name) and (v / "model.onnx").is_file()}
 
 
-def policy_candidates(versions: dict[int, Path], settings: Settings) -> tuple[list[int], int]:
+def policy_candidates(versions: dict[int, Path], settings: ModelSettings) -> tuple[list[int], int]:
     """The versions the version policy may serve, newest first ('latest:N' keeps the newest N that load), and
     how many of them to serve."""
     kind, numbers = parse_version_policy(settings.version_policy)

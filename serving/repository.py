@@ -48,6 +48,7 @@ class ModelRepository:
         self.settings = settings
         self.version_factory = version_factory
         self.root = settings.model_repository
+        self.defaults = model_settings.defaults(settings)  # a model's settings when only the flags set them
         self.models: dict[str, dict[int, ModelVersion]] = {}
         self.failed: dict[tuple[str, int], str] = {}
         # Explicit model control: settings given with a model's load, models being loaded, models unloaded.
@@ -104,11 +105,6 @@ class ModelRepository:
         if given is not None:
             return given
         return model_settings.from_file(self._model_dir(name), name, self.settings) or self.defaults
-
-    @property
-    def defaults(self) -> ModelSettings:
-        """A model's settings when only the flags set them."""
-        return model_settings.defaults(self.settings)
 
     def _model_dir(self, name: str) -> Path:
         """A model's folder: `<repository>/<name>`, or the repository itself when it is one model's folder."""

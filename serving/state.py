@@ -1,5 +1,4 @@
-"""What the request path needs to know about the process: readiness and the drain's phases (set by
-serving.server, read by the data plane)."""
+"""The process's state as the request path reads it (set by serving.server, read by the data plane)."""
 
 from __future__ import annotations
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import re
 import shutil
 
@@ -44,15 +43,19 @@ def test_config_pbtxt_and_json_set_what_triton_users_expect(tmp_path):
 
 
 @pytest.mark.parametrize(
-    ("config", "server", "fragment"),
+    ("config", "fields", "server", "fragment"),
     [
-        ('{"max_batch_size": -4}', {}, "'config' max_batch_size: Input should be greater than or equal to 1"),
-        ('{"instance_group": [{"count": 2}]}', {"cuda_graphs": True}, "cuda_graphs needs instance_count 1"),
-        ('{"max_batch_size": 64}', {"max_batch_size": 32}, "max_batch_size 64 exceeds the server's 32"),
+        ('{"max_batch_size": -4}', {"max_batch_size": -4}, {},
+         "'config' max_batch_size: Input should be greater than or equal to 1"),
+        ('{"instance_group": [{"count": 2}]}', {"instance_count": 2}, {"cuda_graphs": True},
+         "cuda_graphs needs instance_count 1"),
+        ('{"max_batch_size": 64}', {"max_batch_size": 64}, {"max_batch_size": 32},
+         "max_batch_size 64 exceeds the server's 32"),
     ],
-)
-def test_a_models_settings_are_validated_where_they_are_made(tmp_path, config, server, fragment):
-    """The per-model rules hold for a load's config, a folder's file and the flags alike, naming the field."""
+)  # fmt: skip
+def test_a_models_settings_are_validated_where_they_are_made(tmp_path, config, fields, server, fragment):
+    """The per-model rules hold for a load's config, a folder's file and the type itself (`fields`: what `config`
+    sets, as ModelSettings names it), naming the field."""
     base = Settings(model_repository=tmp_path, **server)
     with pytest.raises(InvalidInput, match=re.escape(fragment)):
         from_json("mnist", config, base)
@@ -60,8 +63,7 @@ def test_a_models_settings_are_validated_where_they_are_made(tmp_path, config, s
     with pytest.raises(InvalidInput, match=r"config.json: .*" + re.escape(fragment)):
         from_file(tmp_path, "mnist", base)
     with pytest.raises(ValidationError):
-        ModelSettings.within(base, **json.loads(config.replace("instance_group", "instance_count")
-                                                .replace('[{"count": 2}]', "2")))  # fmt: skip
+        ModelSettings.within(base, **fields)
 
 
 def test_the_flags_obey_the_per_model_rules():
