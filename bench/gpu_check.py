@@ -461,16 +461,15 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def choose_device(args) -> int | None:
+def choose_device(args, providers: list[str], devices: list[str]) -> int | None:
     """Set args.device/expect for CUDA (or the CPU rehearsal); the exit code when there is nothing to check."""
     import onnxruntime as ort
 
-    providers = ort.get_available_providers()
     problem = driver_problem()  # the driver's own reason, asked once
     if args.rehearse_on_cpu:
         args.device, args.expect, args.cuda_graphs = "cpu", CPU, False
         print("rehearsal on CPU: every step runs on CPUExecutionProvider; CUDA is not checked")
-    elif CUDA not in providers or not cuda_devices() or problem:
+    elif CUDA not in providers or not devices or problem:
         why = "" if CUDA not in providers else f" (the build has {CUDA} but there is no /dev/nvidia* device)"
         if problem:
             why = f"; {explain(problem)}"
@@ -504,17 +503,17 @@ def write_report(report: dict, args) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    code = choose_device(args)
+    import onnxruntime as ort
+
+    providers, devices = ort.get_available_providers(), cuda_devices()  # asked once
+    code = choose_device(args, providers, devices)
     if code is not None:
         return code
     install_sigterm_exit()
-    import onnxruntime as ort
-
     from bench.common import load_test_set, machine_info
 
     gpus = nvidia_smi()
-    print(f"gpu-check: onnxruntime {ort.__version__} providers {ort.get_available_providers()}, "
-          f"devices {cuda_devices()}\n{gpus}")  # fmt: skip
+    print(f"gpu-check: onnxruntime {ort.__version__} providers {providers}, devices {devices}\n{gpus}")
     checks = Checks()
     try:
         model_path = find_model(args.model_repository)
